@@ -203,23 +203,26 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     b, l, d = x.shape
     w = weight.shape[-1]
-    prev = x.new_zeros(b, d, w) if state is None else state.to(x.dtype)
-    xt = torch.cat([prev, x.transpose(1, 2)], dim=-1)              # (b, d, w + l): inputs incl. history
-    if seq_idx is None:
-        y = F.conv1d(xt[..., 1:], weight, bias, groups=d)           # (b, d, l)
-        y = y.transpose(1, 2)                                       # (b, l, d)
-        new_state = xt[..., -w:]
-    else:
-        # History columns belong to the first segment (like initial_states). Mask each (output, lag) pair
-        # whose input lies in another segment; w is tiny, so a sum over lags is cheap.
-        seg = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx], dim=1)                     # (b, w + l)
-        y = bias.to(x.dtype).expand(b, l, d) if bias is not None else 0
-        for k in range(w):                                          # lag w-1-k: input column k + t
-            same = (seg[:, k + 1:k + 1 + l] == seq_idx).unsqueeze(-1)                      # (b, l, 1)
-            y = y + xt[:, :, k + 1:k + 1 + l].transpose(1, 2) * weight[:, 0, k] * same   # (b, l, d)
-        keep = (seg[:, -w:] == seq_idx[:, -1:]).unsqueeze(1)                               # (b, 1, w)
-        new_state = xt[..., -w:] * keep
-    return y, new_state
+    history = x.new_zeros(b, w, d) if state is None else state.transpose(1, 2).to(x.dtype)
+    xp = torch.cat([history, x], dim=1)                             # (b, w + l, d): inputs incl. history
+    taps = weight[:, 0].t()                                         # (w, d)
+    if seq_idx is not None:  # the history belongs to the first segment, like initial_states
+        seg = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx], dim=1)                 # (b, w + l)
+    # y_t = bias + sum_k taps[k] * x_{t - (w-1) + k}: w shifted multiply-adds, channels stay last. With w = 4
+    # this is as fast as F.conv1d for long inputs, several times faster for a single decoding step, and
+    # masks each (output, lag) pair directly when packed segments must not see each other.
+    y = None
+    for k in range(w):
+        xk = xp[:, k + 1:k + 1 + l]                                  # (b, l, d) the input at lag w-1-k
+        if seq_idx is not None:
+            xk = xk * (seg[:, k + 1:k + 1 + l] == seq_idx).unsqueeze(-1).to(x.dtype)
+        y = xk * taps[k] if y is None else y.addcmul_(xk, taps[k])
+    if bias is not None:
+        y = y.add_(bias.to(x.dtype))
+    new_state = xp[:, -w:]                                          # (b, w, d)
+    if seq_idx is not None:
+        new_state = new_state * (seg[:, -w:] == seq_idx[:, -1:]).unsqueeze(-1)
+    return y, new_state.transpose(1, 2)                             # (b, l, d), (b, d, w)
 
 
 def decay_matrix(dA_cumsum: torch.Tensor, same_segment: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -310,7 +313,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     states_in = []
     for i in range(c):
         states_in.append(state)
-        state = chunk_decay[:, i, :, None, None] * state + chunk_states[:, i]   # (b, h, p, n)
+        state = torch.addcmul(chunk_states[:, i], chunk_decay[:, i, :, None, None], state)   # (b, h, p, n)
     states_in = torch.stack(states_in, dim=1)                               # (b, c, h, p, n)
 
     # 4. What the carried-in state adds inside each chunk: exp(cs_i) C_i^T S.
@@ -325,7 +328,7 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     y = rearrange(y_diag, "b c g r q p -> b c q (g r) p") + y_off           # (b, c, q, h, p)
     y = rearrange(y, "b c q h p -> b (c q) h p")[:, :l]                     # (b, l, h, p)
     if D is not None:
-        y = y + x[:, :l] * (D.to(cdt) if D.dim() == 2 else D.to(cdt)[:, None])
+        y = torch.addcmul(y, x[:, :l], D.to(cdt) if D.dim() == 2 else D.to(cdt)[:, None])
     y = y.to(out_dtype)
     return (y, state) if return_final_states else y
 
@@ -341,11 +344,13 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     g, n = B.shape[-2:]
     r = h // g
     dt = dt.to(state.dtype)
-    decay = torch.exp(dt * A.to(state.dtype)).view(b, g, r, 1, 1)               # (b, g, r, 1, 1)
-    xdt = (x.to(state.dtype) * dt.unsqueeze(-1)).view(b, g, r, p, 1)            # (b, g, r, p, 1)
-    s = state.view(b, g, r, p, n)
-    s.mul_(decay).add_(xdt * B.to(state.dtype).view(b, g, 1, 1, n))           # h = e^{dt A} h + dt x B^T
-    y = (s @ C.to(state.dtype).view(b, g, 1, n, 1)).view(b, h, p)              # y = h C
+    decay = torch.exp(dt * A.to(state.dtype))                                    # (b, h)
+    xdt = x.to(state.dtype) * dt.unsqueeze(-1)                                   # (b, h, p)
+    # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies of B or C.
+    s = state.view(b * g, r * p, n)
+    s.view(b * g, r, p, n).mul_(decay.view(b * g, r, 1, 1))                     # h = e^{dt A} h
+    s.baddbmm_(xdt.view(b * g, r * p, 1), B.to(state.dtype).reshape(b * g, 1, n))   # h += dt x B^T
+    y = torch.bmm(s, C.to(state.dtype).reshape(b * g, n, 1)).view(b, h, p)      # y = h C
     if D is not None:
         y = y + x * (D if D.dim() == 2 else D[:, None])
     return y.to(x.dtype)
@@ -388,8 +393,7 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
         x = x * F.silu(z.to(cdt))
     group_size = group_size or x.shape[-1]
     xg = x.unflatten(-1, (-1, group_size))                                   # (..., groups, group_size)
-    x = (xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2)
-    x = x * weight.to(cdt)
+    x = F.rms_norm(xg, (group_size,), eps=eps).flatten(-2) * weight.to(cdt)  # x / sqrt(mean(x^2) + eps) * w
     if z is not None and norm_before_gate:
         x = x * F.silu(z.to(cdt))
     return x.to(dtype)
@@ -416,16 +420,54 @@ class RMSNormGated(nn.Module):
 
 # ============================================================================ 4. the fused block function
 
+# Tokens per block when a long input is processed piece by piece (see _split_conv_scan). On a CPU, blocks keep
+# every temporary small enough to stay in cache and be reused by the allocator (a fresh multi-megabyte tensor
+# costs page faults that can exceed the arithmetic); on GPUs one pass over the whole sequence is fastest.
+SEQ_BLOCK_LEN = {"cpu": 256}
+# The chunk length a block's scan uses on a device when config.chunk_size is larger. The official 256 suits the
+# CUDA kernels; the pure-PyTorch scan on a CPU is fastest near 64 (bench.py). Results do not depend on it.
+CHUNK_LEN_CAP = {"cpu": 64}
+
+
 def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None,
                      seq_idx=None, dt_limit=(0.0, float("inf")), rmsnorm_weight=None, rmsnorm_eps=1e-6,
                      outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True,
-                     conv_state=None, ssm_state=None):
+                     conv_state=None, ssm_state=None, block_len=None):
     """The whole block after in_proj, shared by every path (chunked, step, memory-efficient, cached).
 
     zxbcdt: (b, l, d_in_proj). With ssm_state (b, h, p, n) and l == 1 and no seq_idx, the constant-time
     recurrent step runs and updates ssm_state in place; otherwise the chunked scan runs from
     `initial_states`. Returns (out, final ssm state, final conv state).
+
+    A long input runs in blocks of `block_len` tokens that hand their conv and SSM states to the next
+    block exactly as a cache does, so the result is the same for any block length.
     """
+    b, l, _ = zxbcdt.shape
+    block_len = block_len or SEQ_BLOCK_LEN.get(zxbcdt.device.type, l)
+    if l <= block_len:
+        return _split_conv_scan_block(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                      initial_states, seq_idx, dt_limit, rmsnorm_weight, rmsnorm_eps,
+                                      outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
+                                      conv_state, ssm_state)
+    outs, state = [], initial_states
+    for start in range(0, l, block_len):
+        end = min(start + block_len, l)
+        seg = None if seq_idx is None else seq_idx[:, start:end]
+        if seg is not None and start > 0:   # a segment that starts here must not inherit the states
+            keep = seq_idx[:, start] == seq_idx[:, start - 1]                       # (b,)
+            conv_state = conv_state * keep[:, None, None]
+            state = state * keep[:, None, None, None]
+        y, state, conv_state = _split_conv_scan_block(
+            zxbcdt[:, start:end], conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, state, seg, dt_limit,
+            rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
+            conv_state, None)
+        outs.append(y)
+    return torch.cat(outs, dim=1), state, conv_state
+
+
+def _split_conv_scan_block(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
+                           seq_idx, dt_limit, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
+                           ngroups, norm_before_gate, conv_state, ssm_state):
     b, l, _ = zxbcdt.shape
     nheads = dt_bias.shape[0]
     d_ssm = nheads * headdim
@@ -590,7 +632,8 @@ class Mamba2(nn.Module):
         """The block's parameters as `mamba_split_conv1d_scan_combined` takes them (one place for all paths)."""
         cfg = self.config
         return dict(conv1d_weight=self.conv1d.weight, conv1d_bias=self.conv1d.bias, dt_bias=self.dt_bias,
-                    A=-torch.exp(self.A_log.to(_compute_dtype(self.A_log.dtype))), D=self.D, chunk_size=cfg.chunk_size, dt_limit=cfg.dt_limit,
+                    A=-torch.exp(self.A_log.to(_compute_dtype(self.A_log.dtype))), D=self.D, dt_limit=cfg.dt_limit,
+                    chunk_size=min(cfg.chunk_size, CHUNK_LEN_CAP.get(self.A_log.device.type, cfg.chunk_size)),
                     rmsnorm_weight=self.norm.weight if cfg.rmsnorm else None,
                     rmsnorm_eps=self.norm.eps if cfg.rmsnorm else 1e-6,
                     outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
