@@ -659,7 +659,7 @@ class Mamba2(nn.Module):
             if state is not cache.ssm_state:
                 cache.ssm_state.copy_(state)
             cache.conv_state.copy_(conv_state)
-        elif self.config.use_mem_eff_path and torch.is_grad_enabled():
+        elif self.config.use_mem_eff_path and torch.is_grad_enabled() and zxbcdt.requires_grad:
             # Keep only zxbcdt; recompute conv, scan and norm in backward (same function, no second copy).
             y, state, _ = torch.utils.checkpoint.checkpoint(
                 _split_conv_scan, zxbcdt, initial_states=initial_states, seq_idx=seq_idx, use_reentrant=False,
