@@ -393,7 +393,7 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
         x = x * F.silu(z.to(cdt))
     group_size = group_size or x.shape[-1]
     xg = x.unflatten(-1, (-1, group_size))                                   # (..., groups, group_size)
-    x = F.rms_norm(xg, (group_size,), eps=eps).flatten(-2) * weight.to(cdt)  # x / sqrt(mean(x^2) + eps) * w
+    x = (xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cdt)
     if z is not None and norm_before_gate:
         x = x * F.silu(z.to(cdt))
     return x.to(dtype)
