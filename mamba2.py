@@ -780,9 +780,10 @@ class Mamba2Model(nn.Module):
         b, l = input_ids.shape
         if l < 1:
             raise ValueError(f"input_ids must hold at least one token, got shape {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self.embedding.num_embeddings:
-            raise ValueError(f"input_ids must lie in [0, {self.embedding.num_embeddings}), got values in [{lo}, {hi}]")
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                 # one host sync
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{lo}, {hi}]")
         if seq_idx is not None:
             _check_seq_idx(seq_idx, b, l, input_ids.device)
         if cache is not None:   # check every layer's cache before any of them is touched
@@ -904,6 +905,9 @@ class Mamba2LMHeadModel(nn.Module):
         from safetensors.torch import save_file
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        for pattern in ("model*.safetensors*", "pytorch_model*.bin*"):   # weights of an earlier save would
+            for stale in directory.glob(pattern):                          # shadow or mix with ours on load
+                stale.unlink()
         (directory / "config.json").write_text(json.dumps(config_to_mamba_ssm(self.config), indent=2))
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
                  if not (self.config.tie_embeddings and k == "lm_head.weight")}
@@ -1157,6 +1161,9 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in eos):
         raise ValueError(f"eos_token_id must be an int or a list of ints >= 0, got {eos_token_id!r}")
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if any(t >= model.config.vocab_size for t in eos + [pad]) or not isinstance(pad, int) or pad < 0:
+        raise ValueError(f"eos_token_id and pad_token_id must lie in [0, vocab_size={model.config.vocab_size}), "
+                         f"got eos_token_id={eos_token_id!r}, pad_token_id={pad_token_id!r}")
     seq_idx = None
     if attention_mask is not None:
         mask = _check_attention_mask(attention_mask, input_ids, left_only=True)

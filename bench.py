@@ -1,0 +1,1003 @@
+"""
+bench.py — what mamba2.py costs, measured against a floor and against transformers, on this machine.
+
+    python bench.py                       # everything, mamba2-130m shapes (minutes; run on a quiet machine)
+    python bench.py --only block,decode   # some sections
+    python bench.py --quick               # tiny shapes, 1-2 repetitions, < 20 s: a smoke test of this script
+    python bench.py --device cuda --dtype bfloat16 --threads 8 --out assets
+
+Every figure is wall-clock time (time.perf_counter) taken in this one run: the median of --reps
+repetitions after warm-up, with torch.set_num_threads(--threads), in --dtype (float32 unless stated),
+batch 1 unless stated. Shapes are those of mamba2-130m: d_model 768, d_state 128, headdim 64, expand 2,
+ngroups 1 (24 heads), 24 layers, vocabulary 50277 (padded to 50288). Weights are random: speed and memory
+do not depend on their values.
+
+Sections (--only takes their names):
+  block    one Mamba2 block forward (no_grad) at several lengths. Three timings per length:
+           ours; the floor, which is the block's own in_proj and out_proj matrix products alone on inputs
+           of the same length (every implementation must do them, so ours/floor >= 1 and the excess is
+           the cost of conv, scan, norm and glue); and transformers' pure-PyTorch Mamba2Mixer loaded with
+           the same weights (skipped where it would need > 12 GB). "speedup" = transformers time / ours.
+           "scaling" = tokens/s at the longest length / tokens/s at 2048: 1.0 is perfectly linear time,
+           the target is >= 0.85.
+  memory   peak memory of one block forward vs length. On CPU each point runs in a fresh subprocess
+           (python bench.py --_memory_point ...) and reports the growth of the peak resident set size
+           during the forward: the high-water mark after minus before, the mark first reset through
+           /proc/self/clear_refs so that earlier peaks (model construction, the warm-up) cannot hide it.
+           It is read as VmHWM from /proc/self/status, which is what ru_maxrss reports too, except that
+           ru_maxrss of a subprocess also carries its parent's peak (see peak_rss_kib); ru_maxrss is the
+           fallback where /proc is missing. On CUDA: torch.cuda.max_memory_allocated minus what was
+           allocated before the forward.
+  decode   the 24-layer language model, one token per step through the inference cache, at batch 1
+           and 8. The floor is the same matrix-vector products alone (in_proj and out_proj of every
+           layer plus the LM head). Then end-to-end greedy generation, ours generate() vs transformers'
+           Mamba2ForCausalLM.generate() with the same weights (tokens/s, both including their prefill),
+           and the step time after contexts of growing length (a recurrent model: it should be flat).
+  train    forward + backward (cross-entropy on random tokens) of a 4-layer LM at 2048 tokens, ours
+           with use_mem_eff_path True (conv, scan and norm recomputed in backward) and False, and
+           transformers' Mamba2ForCausalLM in train mode. Memory: bytes of the tensors saved for
+           backward (unique storages, parameters excluded, via torch.autograd.graph.saved_tensors_hooks)
+           and the peak RSS growth of a step in a subprocess (CPU) or peak CUDA memory.
+  bf16     block forward at 2048 and the decode step with bfloat16 weights and inputs vs float32.
+  compile  torch.compile(block) vs eager at 2048: max abs difference, time, compile time, and the
+           number of graph breaks torch._dynamo.explain finds.
+  chunk    block forward at 2048 over a grid of chunk lengths (mamba2.CHUNK_LEN_CAP and chunk_size) and
+           sequence block lengths (mamba2.SEQ_BLOCK_LEN), the defaults marked with *.
+
+Reading the ratios: "x floor" above 1 is time spent outside the two big matrix products (lower is
+better, 1.0 is the best any implementation can do); "speedup" and "vs transformers" above 1 mean ours is
+faster; "mem-eff/plain" below 1 means the memory-efficient path saves memory (and its time ratio, usually
+a bit above 1, is the price of recomputation).
+
+Outputs (under --out): throughput.png, memory.png, decode_latency.png, bench.json (every raw time),
+bench.md (the summary table printed at the end, ready to paste into README).
+
+--quick checks that every section runs, not what it measures: d_model 64, lengths up to 2048, 2
+repetitions, 1 thread (2 threads on a busy 2-core machine can be 100x slower from OpenMP contention),
+torch.compile with backend "eager" (inductor's C++ build alone takes longer than the whole run), each
+section's memory points measured in one subprocess rather than one each, and transformers left out of
+the memory subprocesses (importing it costs seconds). Give it --out elsewhere to keep real results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import mamba2
+from mamba2 import Mamba2, Mamba2Config, Mamba2LMHeadModel
+
+SECTIONS = ("block", "memory", "decode", "train", "bf16", "compile", "chunk")
+HF_LIMIT_BYTES = 12e9          # skip transformers where its block forward would need more than this
+
+
+# ============================================================================================ sizes
+
+@dataclass
+class Shapes:
+    """Model shapes and the lengths each section runs at (full: mamba2-130m; quick: tiny)."""
+    d_model: int = 768
+    d_state: int = 128
+    headdim: int = 64
+    n_layer: int = 24
+    vocab: int = 50277
+    block_lengths: list = field(default_factory=lambda: [512, 2048, 8192])
+    long_length: int = 65536               # ours only
+    ref_length: int = 2048                 # the length "scaling" and the single-length sections use
+    memory_lengths: list = field(default_factory=lambda: [2048, 8192, 32768])
+    memory_long: int = 65536               # ours only
+    decode_batches: list = field(default_factory=lambda: [1, 8])
+    prompt_len: int = 16
+    new_tokens: int = 32
+    contexts: list = field(default_factory=lambda: [128, 1024, 8192])
+    train_layers: int = 4
+    train_len: int = 2048
+    chunk_sizes: list = field(default_factory=lambda: [32, 64, 128, 256])
+    seq_blocks: list = field(default_factory=lambda: [128, 256, 512, 2048])
+    step_inner: int = 10                   # decode steps averaged into one timing sample
+
+    @property
+    def d_inner(self) -> int:
+        return 2 * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+
+QUICK = Shapes(d_model=64, d_state=16, headdim=16, n_layer=2, vocab=512, block_lengths=[64, 256],
+               long_length=1024, ref_length=256, memory_lengths=[256, 1024], memory_long=2048,
+               decode_batches=[1, 8], prompt_len=8, new_tokens=8, contexts=[16, 128, 512], train_layers=2,
+               train_len=256, chunk_sizes=[32, 64], seq_blocks=[128, 256], step_inner=4)
+
+
+def block_config(S: Shapes, **kw) -> Mamba2Config:
+    return Mamba2Config(d_model=S.d_model, d_state=S.d_state, headdim=S.headdim, **kw)
+
+
+def lm_config(S: Shapes, n_layer: int, **kw) -> Mamba2Config:
+    return Mamba2Config(d_model=S.d_model, d_state=S.d_state, headdim=S.headdim, n_layer=n_layer,
+                        vocab_size=S.vocab, **kw)
+
+
+# ==================================================================================== transformers
+
+def hf_config(S: Shapes, n_layer: int, padded_vocab: int = 0, chunk_size: int = 256):
+    """A transformers Mamba2Config with our shapes (tied embeddings, fp32 residual, eps 1e-5 as ours)."""
+    from transformers import Mamba2Config as HFConfig
+    from transformers.utils import logging
+    logging.set_verbosity_error()   # quiet its "falling back to the reference PyTorch implementation" notes
+    return HFConfig(hidden_size=S.d_model, num_hidden_layers=n_layer, num_heads=S.nheads, head_dim=S.headdim,
+                    n_groups=1, state_size=S.d_state, expand=2, chunk_size=chunk_size,
+                    vocab_size=padded_vocab or 16, tie_word_embeddings=True, residual_in_fp32=True,
+                    layer_norm_epsilon=1e-5)
+
+
+def hf_mixer(block: Mamba2, S: Shapes):
+    """transformers' Mamba2Mixer holding `block`'s weights (same parameter names), eval mode."""
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+    mixer = Mamba2Mixer(hf_config(S, 1), layer_idx=0)
+    mixer.load_state_dict(block.state_dict())
+    w = block.in_proj.weight
+    return mixer.to(device=w.device, dtype=w.dtype).eval()
+
+
+def hf_lm(model: Mamba2LMHeadModel, S: Shapes, n_layer: int):
+    """transformers' Mamba2ForCausalLM holding `model`'s weights (embedding renamed, all else the same)."""
+    from transformers import Mamba2ForCausalLM
+    hf = Mamba2ForCausalLM(hf_config(S, n_layer, padded_vocab=model.config.padded_vocab_size))
+    state = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v
+             for k, v in model.state_dict().items()}
+    hf.load_state_dict(state)
+    hf.tie_weights()
+    return hf.to(device=model.device, dtype=model.dtype)
+
+
+def hf_block_bytes(length: int, S: Shapes, dtype_bytes: int = 4, q: int = 256) -> float:
+    """A generous estimate of transformers' block forward memory: its chunk scan keeps about six
+    (chunks, q, q, heads) fp32 tensors alive at once (segment sums, decay, C·Bᵀ, masked scores) plus the
+    (length, channels) projections and activations."""
+    padded = -(-length // q) * q
+    quadratic = 6 * padded * q * S.nheads * 4
+    d_in_proj = 2 * S.d_inner + 2 * S.d_state + S.nheads
+    linear = 8 * padded * (d_in_proj + S.d_inner) * max(dtype_bytes, 4)
+    return quadratic + linear
+
+
+# ========================================================================================== timing
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, reps: int, device: torch.device, warmup: int = 1, inner: int = 1) -> dict:
+    """Median wall time of fn() in seconds over `reps` samples after `warmup` calls; each sample is the
+    mean of `inner` consecutive calls (for calls too short to time one by one)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return {"median_s": statistics.median(times), "times_s": times, "inner": inner}
+
+
+def ms(t: dict) -> float:
+    return t["median_s"] * 1e3
+
+
+def fmt(x, digits=3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    if x == 0:
+        return "0"
+    if abs(x) >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}g}"
+
+
+def print_table(title: str, headers: list, rows: list):
+    cells = [[str(h) for h in headers]] + [[fmt(c) if not isinstance(c, str) else c for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    print(f"\n{title}")
+    for j, r in enumerate(cells):
+        print("  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if j == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def err_text(e: BaseException, limit: int = 300) -> str:
+    text = f"{type(e).__name__}: {e}".strip().replace("\n", " ")
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
+# ======================================================================================= the machine
+
+def machine_info(args, device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu, "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": str(device), "dtype": args.dtype, "isa": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    # transformers' Mamba2Mixer swaps in these packages' kernels when they are installed (CUDA only)
+    info["transformers_kernels_installed"] = [m for m in ("mamba_ssm", "causal_conv1d")
+                                              if importlib.util.find_spec(m) is not None]
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+# ===================================================================================== the context
+
+class Bench:
+    """What every section needs: options, device, dtype, shapes, and where results and summary rows go."""
+
+    def __init__(self, args):
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype)
+        self.S = QUICK if args.quick else Shapes()
+        self.reps = args.reps
+        self.out = Path(args.out)
+        self.results: dict = {}
+        self.summary: list = []          # (section, what, value) rows of the final markdown table
+        self.extra_md: list = []         # further markdown blocks (the chunk grid)
+
+    def time(self, fn, warmup=1, inner=1) -> dict:
+        return measure(fn, self.reps, self.device, warmup, inner)
+
+    def randn(self, *shape, dtype=None):
+        return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype)
+
+    def block(self, **kw) -> Mamba2:
+        torch.manual_seed(0)
+        return Mamba2(block_config(self.S, **kw)).to(self.device, self.dtype).eval()
+
+    def lm(self, n_layer: int, **kw) -> Mamba2LMHeadModel:
+        torch.manual_seed(0)
+        return Mamba2LMHeadModel(lm_config(self.S, n_layer, **kw)).to(self.device, self.dtype).eval()
+
+    def ids(self, b: int, l: int, vocab: int = None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(b * 100003 + l)
+        return torch.randint(0, vocab or self.S.vocab, (b, l), generator=g).to(self.device)
+
+    def add(self, section: str, what: str, value: str):
+        self.summary.append((section, what, value))
+
+
+# ======================================================================================= 1. block
+
+def bench_block(B: Bench):
+    S = B.S
+    block = B.block()
+    w_in, w_out = block.in_proj.weight, block.out_proj.weight
+    try:
+        hf = hf_mixer(block, S)
+    except Exception as e:           # transformers missing or incompatible: ours and the floor only
+        hf, hf_error = None, err_text(e)
+    rows, points = [], []
+    lengths = S.block_lengths + [S.long_length]
+    with torch.no_grad():
+        diff = None
+        if hf is not None:           # same weights, so the same output up to rounding
+            u = B.randn(1, S.ref_length, S.d_model)
+            diff = (block(u) - hf(u)).abs().max().item()
+        for L in lengths:
+            u = B.randn(1, L, S.d_model)
+            y = B.randn(1, L, S.d_inner)
+            ours = B.time(lambda: block(u))
+            floor = B.time(lambda: (F.linear(u, w_in), F.linear(y, w_out)))
+            theirs, note = None, None
+            if L == S.long_length:
+                note = "ours only"
+            elif hf is None:
+                note = f"transformers unavailable: {hf_error}"
+            elif hf_block_bytes(L, S, B.dtype.itemsize) > HF_LIMIT_BYTES:
+                note = f"transformers skipped: needs > {HF_LIMIT_BYTES / 1e9:.0f} GB"
+            else:
+                try:
+                    theirs = B.time(lambda: hf(u))
+                except (MemoryError, RuntimeError) as e:
+                    note = f"transformers failed: {err_text(e, 120)}"
+            del u, y
+            p = {"length": L, "ours": ours, "floor": floor, "transformers": theirs, "note": note,
+                 "ours_tokens_per_s": L / ours["median_s"], "floor_tokens_per_s": L / floor["median_s"],
+                 "transformers_tokens_per_s": L / theirs["median_s"] if theirs else None,
+                 "ours_over_floor": ours["median_s"] / floor["median_s"],
+                 "speedup_vs_transformers": theirs["median_s"] / ours["median_s"] if theirs else None}
+            points.append(p)
+            rows.append([L, ms(ours), p["ours_tokens_per_s"], ms(floor), p["ours_over_floor"],
+                         ms(theirs) if theirs else None, p["speedup_vs_transformers"]])
+    by_len = {p["length"]: p for p in points}
+    scaling = by_len[S.long_length]["ours_tokens_per_s"] / by_len[S.ref_length]["ours_tokens_per_s"]
+    B.results["block"] = {"points": points, "scaling_long_vs_ref": scaling, "max_abs_diff_vs_transformers": diff,
+                          "long_length": S.long_length, "ref_length": S.ref_length}
+    print_table("block forward (no_grad)", ["length", "ours ms", "ours tok/s", "floor ms", "x floor",
+                                            "transformers ms", "speedup"], rows)
+    print(f"  scaling: tokens/s at {S.long_length} / at {S.ref_length} = {scaling:.2f} (linear = 1, target >= 0.85)")
+    if diff is not None:
+        print(f"  max |ours - transformers| at {S.ref_length}: {diff:.2e} (same weights)")
+    ref = by_len[S.ref_length]
+    B.add("block", f"forward at {S.ref_length} tokens",
+          f"{ms(ref['ours']):.1f} ms ({ref['ours_tokens_per_s']:,.0f} tok/s)")
+    B.add("block", f"ours / floor (in_proj + out_proj alone) at {S.ref_length}", f"{ref['ours_over_floor']:.2f}x")
+    for p in points:
+        if p["speedup_vs_transformers"]:
+            B.add("block", f"speedup vs transformers at {p['length']}", f"{p['speedup_vs_transformers']:.2f}x")
+    B.add("block", f"tokens/s at {S.long_length} / at {S.ref_length}", f"{scaling:.2f}")
+    plot_throughput(B, points)
+
+
+def length_axis(ax, lengths: list, label: str):
+    """Log-2 x axis ticked at the measured lengths, written out (2,048 rather than 2^11)."""
+    import matplotlib.ticker as ticker
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(lengths)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel(label)
+
+
+def plot_throughput(B: Bench, points: list):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    L = [p["length"] for p in points]
+    ax.plot(L, [p["ours_tokens_per_s"] for p in points], "o-", label="mamba2.py")
+    ax.plot(L, [p["floor_tokens_per_s"] for p in points], "k--", alpha=0.5, label="floor: in_proj + out_proj only")
+    hf = [(p["length"], p["transformers_tokens_per_s"]) for p in points if p["transformers_tokens_per_s"]]
+    if hf:
+        ax.plot(*zip(*hf), "s-", label="transformers Mamba2Mixer")
+    length_axis(ax, L, "sequence length (tokens)")
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens / s (block forward)")
+    ax.set_title(f"Mamba-2 block, d_model {B.S.d_model}, {B.args.dtype}, {B.args.threads} threads, {B.device.type}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(B.out / "throughput.png", dpi=120)
+    plt.close(fig)
+
+
+# ====================================================================================== 2. memory
+
+def peak_rss_reset() -> bool:
+    """Reset the kernel's resident-set high-water mark of this process (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_kib() -> tuple:
+    """(high-water mark of the resident set in KiB, where it was read).
+
+    VmHWM from /proc/self/status where there is one: it belongs to this process's own address space
+    and peak_rss_reset() resets it. ru_maxrss is the same figure on Linux but is also raised to the
+    peak of the *parent* when this process was started through vfork + exec (as subprocess does), which
+    can hide every peak below the parent's; it is the fallback elsewhere (KiB on Linux, bytes on macOS).
+    """
+    try:
+        m = re.search(r"^VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        if m:
+            return int(m.group(1)), "VmHWM"
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (r / 1024 if sys.platform == "darwin" else r), "ru_maxrss"
+
+
+def memory_point(spec: dict) -> dict:
+    """Runs in a subprocess: one block forward ("block") or one training step ("train") at one length,
+    after a short warm-up at 64 tokens, and the growth of peak memory it causes, in MB."""
+    torch.set_num_threads(spec["threads"])
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    S = Shapes(**spec["shapes"])
+    L = spec["length"]
+    torch.manual_seed(0)
+    if spec["what"] == "block":
+        block = Mamba2(block_config(S)).to(device, dtype).eval()
+        model = hf_mixer(block, S) if spec["impl"] == "transformers" else block
+        u = torch.randn(1, L, S.d_model, device=device, dtype=dtype)
+
+        def run():
+            with torch.no_grad():
+                return model(u)
+
+        def warm():
+            with torch.no_grad():
+                model(u[:, :64])
+    else:
+        ours = Mamba2LMHeadModel(lm_config(S, S.train_layers, use_mem_eff_path=spec.get("mem_eff", True)))
+        ours = ours.to(device, dtype)
+        model = (hf_lm(ours, S, S.train_layers) if spec["impl"] == "transformers" else ours).train()
+        ids = torch.randint(0, S.vocab, (1, L), device=device)
+
+        def run():
+            return train_step(model, ids)
+
+        def warm():
+            train_step(model, ids[:, :64])
+            model.zero_grad(set_to_none=True)   # the measured step allocates its gradients afresh
+    warm()
+    gc.collect()
+    out = {"length": L}
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = run()
+        sync(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        out["method"] = "torch.cuda.max_memory_allocated - allocated before"
+    else:
+        reset = peak_rss_reset()
+        before, source = peak_rss_kib()
+        result = run()
+        after, _ = peak_rss_kib()
+        out["peak_mb"] = (after - before) / 1024
+        out["method"] = f"peak RSS ({source}) after - before" + ("" if reset else ", high-water mark not reset")
+    del result
+    return out
+
+
+def run_memory_points(B: Bench, specs: list) -> list:
+    """Measure each spec in its own fresh `python bench.py --_memory_point` process, one after the other,
+    so that no point inherits memory another one left mapped. --quick measures all of a section's points
+    in one process (fewer interpreter start-ups; its numbers are only a smoke test anyway)."""
+    base = {"device": B.args.device, "dtype": B.args.dtype, "threads": B.args.threads, "shapes": asdict(B.S)}
+    timeout = 300 if B.args.quick else 1800
+    groups = [specs] if B.args.quick else [[s] for s in specs]
+    results = []
+    for group in groups:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory_point",
+               json.dumps([{**base, **s} for s in group])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
+            failure = None
+            if proc.returncode:
+                tail = (proc.stderr.strip().splitlines() or [""])[-1]
+                failure = f"exit {proc.returncode}: " + ("killed (out of memory?)" if proc.returncode in (-9, 137)
+                                                         else tail[:200])
+        except subprocess.TimeoutExpired:
+            lines, failure = [], f"timed out after {timeout} s"
+        for i, spec in enumerate(group):   # a crash loses the point it happened in and those after it
+            results.append({**spec, **lines[i]} if i < len(lines) else {**spec, "peak_mb": None, "error": failure})
+    return results
+
+
+def mb_or_error(point: dict):
+    if not point:
+        return "—"
+    return point["peak_mb"] if point.get("peak_mb") is not None else point.get("error", "—")
+
+
+def bench_memory(B: Bench):
+    S = B.S
+    specs = [{"what": "block", "impl": "ours", "length": L} for L in S.memory_lengths + [S.memory_long]]
+    skipped = []
+    for L in S.memory_lengths:
+        est = hf_block_bytes(L, S, B.dtype.itemsize)
+        if B.args.quick:   # keeps the subprocess from importing transformers (seconds); hf_mixer is tested by "block"
+            skipped.append({"what": "block", "impl": "transformers", "length": L, "peak_mb": None,
+                            "error": "skipped with --quick"})
+        elif est > HF_LIMIT_BYTES:
+            skipped.append({"what": "block", "impl": "transformers", "length": L, "peak_mb": None,
+                            "error": f"skipped: estimated {est / 1e9:.1f} GB > {HF_LIMIT_BYTES / 1e9:.0f} GB"})
+        else:
+            specs.append({"what": "block", "impl": "transformers", "length": L, "estimate_mb": est / 2**20})
+    points = run_memory_points(B, specs) + skipped
+    B.results["memory"] = {"points": points}
+    rows = []
+    for L in S.memory_lengths + [S.memory_long]:
+        o = next((p for p in points if p["impl"] == "ours" and p["length"] == L), {})
+        t = next((p for p in points if p["impl"] == "transformers" and p["length"] == L), {})
+        ratio = t["peak_mb"] / o["peak_mb"] if t.get("peak_mb") and o.get("peak_mb") else None
+        rows.append([L, mb_or_error(o), mb_or_error(t), ratio])
+        if o.get("peak_mb") is not None:
+            B.add("memory", f"block forward peak at {L} tokens", f"{o['peak_mb']:.0f} MB" + (
+                f" (transformers {t['peak_mb']:.0f} MB)" if t.get("peak_mb") is not None else ""))
+    method = next((p.get("method") for p in points if p.get("method")), "")
+    print_table(f"block forward peak memory, MB ({method})", ["length", "ours", "transformers", "theirs/ours"], rows)
+    for p in points:
+        if p.get("error") and not p["error"].startswith("skipped"):   # a crash or a timeout
+            print(f"  {p['impl']} at {p['length']}: {p['error']}")
+    plot_memory(B, points)
+
+
+def plot_memory(B: Bench, points: list):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl, style, label in (("ours", "o-", "mamba2.py"), ("transformers", "s-", "transformers Mamba2Mixer")):
+        pts = sorted((p["length"], p["peak_mb"]) for p in points
+                     if p["impl"] == impl and (p.get("peak_mb") or 0) > 0)     # log axes: positive values
+        if pts:
+            ax.plot(*zip(*pts), style, label=label)
+    length_axis(ax, [p["length"] for p in points], "sequence length (tokens)")
+    ax.set_yscale("log")
+    ax.set_ylabel("peak memory growth of a forward (MB)")
+    ax.set_title(f"Mamba-2 block, d_model {B.S.d_model}, {B.args.dtype}, {B.device.type}")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(B.out / "memory.png", dpi=120)
+    plt.close(fig)
+
+
+# ====================================================================================== 3. decode
+
+def step_timer(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
+    """Prefill `context` tokens into a fresh cache, then time single-token steps."""
+    cache = model.allocate_inference_cache(batch)
+    model(B.ids(batch, context), cache=cache, num_last_tokens=1)
+    token = B.ids(batch, 1)
+    return B.time(lambda: model(token, cache=cache), warmup=3, inner=B.S.step_inner)
+
+
+def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int) -> dict:
+    """The decode step's unavoidable work: every layer's in_proj and out_proj on one token, plus the LM head."""
+    S = B.S
+    x_in, x_out = B.randn(batch, 1, S.d_model), B.randn(batch, 1, S.d_inner)
+    weights = [(l.mixer.in_proj.weight, l.mixer.out_proj.weight) for l in model.backbone.layers]
+    head = model.lm_head.weight
+
+    def run():
+        for w_in, w_out in weights:
+            F.linear(x_in, w_in)
+            F.linear(x_out, w_out)
+        F.linear(x_in, head)
+    return B.time(run, warmup=3, inner=B.S.step_inner)
+
+
+def bench_decode(B: Bench):
+    S = B.S
+    model = B.lm(S.n_layer)
+    res = {"steps": [], "contexts": []}
+    rows = []
+    with torch.inference_mode():
+        for b in S.decode_batches:
+            step = step_timer(B, model, b, S.prompt_len)
+            floor = matvec_floor(B, model, b)
+            p = {"batch": b, "step": step, "floor": floor, "step_over_floor": step["median_s"] / floor["median_s"],
+                 "tokens_per_s": b / step["median_s"]}
+            res["steps"].append(p)
+            rows.append([b, ms(step), p["tokens_per_s"], ms(floor), p["step_over_floor"]])
+            B.add("decode", f"step, batch {b}", f"{ms(step):.2f} ms = {p['step_over_floor']:.2f}x floor "
+                                                 f"({p['tokens_per_s']:,.0f} tok/s)")
+        print_table(f"decode step ({S.n_layer} layers, after a {S.prompt_len}-token prompt)",
+                    ["batch", "step ms", "tok/s", "floor ms", "x floor"], rows)
+
+        # end-to-end greedy generation, ours vs transformers, batch 1, same weights and prompt
+        ids = B.ids(1, S.prompt_len)
+        N = S.new_tokens
+        gen = {"prompt_len": S.prompt_len, "new_tokens": N}
+        ours_out = {}
+
+        def ours_generate():
+            ours_out["tokens"] = model.generate(ids, max_new_tokens=N)
+        gen["ours"] = B.time(ours_generate)
+        gen["ours_tokens_per_s"] = N / gen["ours"]["median_s"]
+        try:
+            hf = hf_lm(model, S, S.n_layer).eval()
+            hf_out = {}
+            mask = torch.ones_like(ids)
+
+            def hf_generate():
+                hf_out["tokens"] = hf.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
+                                               do_sample=False, pad_token_id=0)
+            gen["transformers"] = B.time(hf_generate)
+            gen["transformers_tokens_per_s"] = N / gen["transformers"]["median_s"]
+            gen["speedup_vs_transformers"] = gen["transformers"]["median_s"] / gen["ours"]["median_s"]
+            # a check that both hold the same weights; ours picks among the vocab_size real tokens only,
+            # transformers among all padded_vocab_size rows, so a rare argmax in the padding can differ
+            gen["same_tokens"] = bool(torch.equal(hf_out["tokens"].cpu(), ours_out["tokens"].cpu()))
+            del hf
+        except Exception as e:
+            gen["transformers_error"] = err_text(e)
+        res["generate"] = gen
+        print_table(f"generate(): {S.prompt_len}-token prompt + {N} new tokens, greedy, batch 1",
+                    ["", "ms", "new tok/s", "speedup", "same tokens"],
+                    [["ours", ms(gen["ours"]), gen["ours_tokens_per_s"], None, None],
+                     ["transformers",
+                      ms(gen["transformers"]) if "transformers" in gen else gen.get("transformers_error"),
+                      gen.get("transformers_tokens_per_s"), gen.get("speedup_vs_transformers"),
+                      str(gen.get("same_tokens", "—"))]])
+        B.add("decode", f"generate {N} tokens, batch 1", f"{gen['ours_tokens_per_s']:,.0f} tok/s" + (
+            f" vs transformers {gen['transformers_tokens_per_s']:,.0f} tok/s "
+            f"({gen['speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
+
+        # step latency after contexts of growing length (should be flat: the state has a fixed size)
+        rows = []
+        for ctx in S.contexts:
+            t = step_timer(B, model, 1, ctx)
+            res["contexts"].append({"context": ctx, "step": t})
+            rows.append([ctx, ms(t)])
+        print_table("decode step vs context (batch 1)", ["context", "step ms"], rows)
+        steps = [ms(c["step"]) for c in res["contexts"]]
+        res["context_spread"] = max(steps) / min(steps)
+        B.add("decode", f"step at context {S.contexts[-1]} / at {S.contexts[0]}",
+              f"{res['contexts'][-1]['step']['median_s'] / res['contexts'][0]['step']['median_s']:.2f}")
+    B.results["decode"] = res
+    plot_decode(B, res)
+
+
+def plot_decode(B: Bench, res: dict):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ctx = [c["context"] for c in res["contexts"]]
+    ax.plot(ctx, [ms(c["step"]) for c in res["contexts"]], "o-", label="mamba2.py step (batch 1)")
+    floor = next(p["floor"] for p in res["steps"] if p["batch"] == 1)
+    ax.axhline(ms(floor), color="k", ls="--", alpha=0.5, label="floor: matrix-vector products only")
+    length_axis(ax, ctx, "tokens already in context")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"{B.S.n_layer}-layer LM decode step, {B.args.dtype}, {B.device.type}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(B.out / "decode_latency.png", dpi=120)
+    plt.close(fig)
+
+
+# ======================================================================================= 4. train
+
+def train_step(model, ids: torch.Tensor):
+    """Forward + backward of next-token cross-entropy; returns the loss."""
+    loss = lm_loss(model, ids)
+    loss.backward()
+    return loss.detach()
+
+
+def saved_for_backward_bytes(loss_fn, module) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while loss_fn() runs, the module's
+    parameters excluded (they exist anyway). Tensors that torch.utils.checkpoint (the memory-efficient
+    path) keeps to itself are not seen, which is the point: they are recomputed in backward."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = max(seen.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    module.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    out = model(ids)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def bench_train(B: Bench):
+    S = B.S
+    L, n = S.train_len, S.train_layers
+    ids = B.ids(1, L)
+    res = {"length": L, "layers": n, "runs": {}}
+    models = {}
+    for name, eff in (("ours mem-eff", True), ("ours plain", False)):
+        models[name] = B.lm(n, use_mem_eff_path=eff).train()
+    try:
+        models["transformers"] = hf_lm(models["ours mem-eff"], S, n).train()
+    except Exception as e:
+        res["transformers_error"] = err_text(e)
+    for name, model in models.items():
+        def step(model=model):
+            train_step(model, ids)
+            model.zero_grad(set_to_none=True)
+        t = B.time(step)
+        res["runs"][name] = {"step": t, "tokens_per_s": L / t["median_s"],
+                             "saved_mb": saved_for_backward_bytes(lambda: lm_loss(model, ids), model) / 2**20}
+    # the same for one block alone: the LM head's logits (L x vocab) do not dilute the difference
+    u = B.randn(1, L, S.d_model)
+    res["block_saved_mb"] = {}
+    for name, eff in (("ours mem-eff", True), ("ours plain", False)):
+        block = B.block(use_mem_eff_path=eff).train()
+        res["block_saved_mb"][name] = saved_for_backward_bytes(lambda: block(u).square().mean(), block) / 2**20
+    if "transformers" in models:
+        mixer = hf_mixer(B.block(), S).train()
+        res["block_saved_mb"]["transformers"] = saved_for_backward_bytes(lambda: mixer(u).square().mean(),
+                                                                         mixer) / 2**20
+    # peak memory of one step, each in a fresh process
+    specs = [{"what": "train", "impl": "ours", "mem_eff": True, "length": L, "name": "ours mem-eff"},
+             {"what": "train", "impl": "ours", "mem_eff": False, "length": L, "name": "ours plain"}]
+    if "transformers" in models and not B.args.quick:   # --quick: no transformers import in the subprocess
+        specs.append({"what": "train", "impl": "transformers", "length": L, "name": "transformers"})
+    for p in run_memory_points(B, specs):
+        res["runs"][p["name"]]["peak"] = p
+    for name in res["runs"]:
+        res["runs"][name].setdefault("peak", {"peak_mb": None, "error": "skipped with --quick"})
+    del models
+    runs = res["runs"]
+    eff, plain = runs["ours mem-eff"], runs["ours plain"]
+    res["mem_eff_over_plain"] = {
+        "time": eff["step"]["median_s"] / plain["step"]["median_s"],
+        "saved_bytes": eff["saved_mb"] / plain["saved_mb"],
+        "block_saved_bytes": res["block_saved_mb"]["ours mem-eff"] / res["block_saved_mb"]["ours plain"],
+        "peak": (eff["peak"]["peak_mb"] / plain["peak"]["peak_mb"]
+                 if eff["peak"].get("peak_mb") is not None and plain["peak"].get("peak_mb") else None)}
+    if "transformers" in runs:
+        res["speedup_vs_transformers"] = runs["transformers"]["step"]["median_s"] / eff["step"]["median_s"]
+        res["speedup_plain_vs_transformers"] = runs["transformers"]["step"]["median_s"] / plain["step"]["median_s"]
+    B.results["train"] = res
+    rows = [[name, ms(r["step"]), r["tokens_per_s"], r["saved_mb"], mb_or_error(r["peak"])]
+            for name, r in runs.items()]
+    print_table(f"training step, {n} layers, {L} tokens, batch 1", ["", "ms", "tok/s", "saved-for-backward MB",
+                                                                   "peak growth MB"], rows)
+    print("  saved for backward by one block alone, MB: " + ", ".join(
+        f"{name} {mb:.1f}" for name, mb in res["block_saved_mb"].items()))
+    ratio = res["mem_eff_over_plain"]
+    print(f"  mem-eff / plain: time {ratio['time']:.2f}, saved tensors {ratio['saved_bytes']:.2f} "
+          f"(one block alone {ratio['block_saved_bytes']:.2f}), peak RSS {fmt(ratio['peak'])}")
+    if "speedup_vs_transformers" in res:
+        print(f"  ours (mem-eff) vs transformers throughput: {res['speedup_vs_transformers']:.2f}x")
+    B.add("train", f"step, {n} layers x {L} tokens (mem-eff)",
+          f"{ms(eff['step']):.0f} ms ({eff['tokens_per_s']:,.0f} tok/s)")
+    if "speedup_vs_transformers" in res:
+        B.add("train", "throughput vs transformers", f"{res['speedup_vs_transformers']:.2f}x")
+    B.add("train", "mem-eff / plain: saved tensors (LM; one block), peak RSS, time",
+          f"{ratio['saved_bytes']:.2f}; {ratio['block_saved_bytes']:.2f}, {fmt(ratio['peak'], 2)}, {ratio['time']:.2f}")
+
+
+# ======================================================================================== 5. bf16
+
+def bench_bf16(B: Bench):
+    S = B.S
+    L = S.ref_length
+    res = {}
+    with torch.no_grad():
+        block32 = B.block().float()
+        block16 = copy.deepcopy(block32).to(torch.bfloat16)
+        u = B.randn(1, L, S.d_model, dtype=torch.float32)
+        u16 = u.to(torch.bfloat16)
+        t32, t16 = B.time(lambda: block32(u)), B.time(lambda: block16(u16))
+        diff = (block16(u16).float() - block32(u)).abs().max().item() / block32(u).abs().max().item()
+        res["block"] = {"length": L, "fp32": t32, "bf16": t16, "bf16_over_fp32": t16["median_s"] / t32["median_s"],
+                        "max_rel_diff": diff}
+    with torch.inference_mode():
+        lm32 = B.lm(S.n_layer).float()
+        lm16 = copy.deepcopy(lm32).to(torch.bfloat16)
+        s32, s16 = step_timer(B, lm32, 1, S.prompt_len), step_timer(B, lm16, 1, S.prompt_len)
+        res["decode_step"] = {"fp32": s32, "bf16": s16, "bf16_over_fp32": s16["median_s"] / s32["median_s"]}
+    B.results["bf16"] = res
+    rows = [[f"block forward at {L}", ms(t32), ms(t16), res["block"]["bf16_over_fp32"]],
+            [f"decode step ({S.n_layer} layers, batch 1)", ms(s32), ms(s16), res["decode_step"]["bf16_over_fp32"]]]
+    print_table("bfloat16 vs float32", ["", "fp32 ms", "bf16 ms", "bf16/fp32"], rows)
+    print(f"  block output, bf16 vs fp32: max relative difference {diff:.1e}")
+    B.add("bf16", f"bf16/fp32 time: block at {L}, decode step",
+          f"{res['block']['bf16_over_fp32']:.2f}, {res['decode_step']['bf16_over_fp32']:.2f}")
+
+
+# ===================================================================================== 6. compile
+
+def bench_compile(B: Bench):
+    """torch.compile with inductor (the default backend). --quick compiles with backend "eager" instead
+    (dynamo tracing only, seconds instead of the minute inductor's C++ code generation can take) and
+    counts graph breaks from dynamo's counters instead of running explain a second time."""
+    S = B.S
+    L = S.ref_length
+    backend = "eager" if B.args.quick else "inductor"
+    block = B.block()
+    u = B.randn(1, L, S.d_model)
+    res = {"length": L, "backend": backend}
+    with torch.no_grad():
+        eager = B.time(lambda: block(u))
+        res["eager"] = eager
+        try:
+            dynamo = importlib.import_module("torch._dynamo")
+            if not B.args.quick:
+                dynamo.reset()
+                explanation = dynamo.explain(block)(u)
+                res["graph_count"] = explanation.graph_count
+                res["graph_break_count"] = explanation.graph_break_count
+                res["break_reasons"] = [str(getattr(r, "reason", r))[:200] for r in explanation.break_reasons][:10]
+        except Exception as e:
+            res["explain_error"] = err_text(e)
+        try:
+            dynamo = importlib.import_module("torch._dynamo")
+            dynamo.reset()
+            counters = importlib.import_module("torch._dynamo.utils").counters
+            counters.clear()
+            compiled = torch.compile(block, backend=backend)
+            start = time.perf_counter()
+            y = compiled(u)
+            sync(B.device)
+            res["compile_s"] = time.perf_counter() - start
+            res.setdefault("graph_break_count", sum(counters["graph_break"].values()))
+            res["max_abs_diff"] = (y - block(u)).abs().max().item()
+            res["compiled"] = B.time(lambda: compiled(u))
+            res["compiled_over_eager"] = res["compiled"]["median_s"] / eager["median_s"]
+        except Exception as e:      # e.g. inductor without a C++ compiler
+            res["compile_error"] = err_text(e, 600)
+    B.results["compile"] = res
+    if "compile_error" in res:
+        print(f"\ntorch.compile unavailable: {res['compile_error']}")
+        B.add("compile", "torch.compile", "unavailable: " + res["compile_error"][:80])
+    else:
+        print_table(f"torch.compile(block, backend={backend!r}) at {L}",
+                    ["eager ms", "compiled ms", "compiled/eager", "max |diff|", "compile s", "graph breaks"],
+                    [[ms(eager), ms(res["compiled"]), res["compiled_over_eager"], f"{res['max_abs_diff']:.1e}",
+                      res["compile_s"], res.get("graph_break_count", res.get("explain_error"))]])
+        B.add("compile", f"compiled ({backend}) / eager time at {L}; graph breaks; max abs diff",
+              f"{res['compiled_over_eager']:.2f}; {res.get('graph_break_count', '?')}; {res['max_abs_diff']:.0e}")
+    for r in res.get("break_reasons", []):
+        print(f"  graph break: {r}")
+
+
+# ======================================================================================= 7. chunk
+
+def bench_chunk(B: Bench):
+    S = B.S
+    L = S.ref_length
+    kind = B.device.type
+    default_q = mamba2.CHUNK_LEN_CAP.get(kind, 256)
+    default_blk = mamba2.SEQ_BLOCK_LEN.get(kind, L)
+    saved = (dict(mamba2.CHUNK_LEN_CAP), dict(mamba2.SEQ_BLOCK_LEN))
+    block = B.block()
+    u = B.randn(1, L, S.d_model)
+    grid = []
+    try:
+        with torch.no_grad():
+            for q in S.chunk_sizes:
+                mamba2.CHUNK_LEN_CAP[kind] = q
+                block.config.chunk_size = q
+                for blk in S.seq_blocks:
+                    mamba2.SEQ_BLOCK_LEN[kind] = blk
+                    grid.append({"chunk": q, "seq_block": blk, "time": B.time(lambda: block(u))})
+    finally:   # module-level knobs: put them back whatever happened
+        mamba2.CHUNK_LEN_CAP.clear(); mamba2.CHUNK_LEN_CAP.update(saved[0])
+        mamba2.SEQ_BLOCK_LEN.clear(); mamba2.SEQ_BLOCK_LEN.update(saved[1])
+    best = min(grid, key=lambda g: g["time"]["median_s"])
+    B.results["chunk"] = {"length": L, "grid": grid, "default_chunk": default_q, "default_seq_block": default_blk,
+                          "best": {"chunk": best["chunk"], "seq_block": best["seq_block"]}}
+    t = {(g["chunk"], g["seq_block"]): ms(g["time"]) for g in grid}
+    mark = lambda q, blk: "*" if (q, blk) == (default_q, default_blk) else ""
+    headers = ["chunk \\ seq block"] + [f"{blk}" for blk in S.seq_blocks]
+    rows = [[f"{q}"] + [f"{t[q, blk]:.1f}{mark(q, blk)}" for blk in S.seq_blocks] for q in S.chunk_sizes]
+    print_table(f"block forward at {L}, ms, by chunk length and sequence block length (* = default)", headers, rows)
+    print(f"  fastest: chunk {best['chunk']}, seq block {best['seq_block']} ({ms(best['time']):.1f} ms)")
+    default = next((g for g in grid if (g["chunk"], g["seq_block"]) == (default_q, default_blk)), None)
+    B.add("chunk", f"default (chunk {default_q}, seq block {default_blk}) / fastest in grid",
+          f"{default['time']['median_s'] / best['time']['median_s']:.2f} "
+          f"(fastest: {best['chunk']}, {best['seq_block']})"
+          if default else "default not in grid")
+    md = ["| chunk \\ seq block | " + " | ".join(str(b) for b in S.seq_blocks) + " |",
+          "|---|" + "---|" * len(S.seq_blocks)]
+    md += ["| " + " | ".join(r) + " |" for r in rows]
+    B.extra_md.append(f"Block forward at {L} tokens, ms, by chunk length and sequence block length "
+                      f"(* = default):\n\n" + "\n".join(md))
+
+
+# ======================================================================================== summary
+
+def summary_markdown(B: Bench, info: dict) -> str:
+    lines = [f"Machine: {info['cpu']}, {info['cores_usable']} cores, {info['isa']}, torch {info['torch']}, "
+             f"{info['threads']} threads, {info['device']}, {info['dtype']}"
+             + (", --quick shapes" if B.args.quick else "") + ".", "",
+             "| section | measurement | result |", "|---|---|---|"]
+    lines += [f"| {s} | {w} | {v} |" for s, w, v in B.summary]
+    for block in B.extra_md:
+        lines += ["", block]
+    return "\n".join(lines) + "\n"
+
+
+RUNNERS = {"block": bench_block, "memory": bench_memory, "decode": bench_decode, "train": bench_train,
+           "bf16": bench_bf16, "compile": bench_compile, "chunk": bench_chunk}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (python -c 'import bench; help(bench)') for "
+                                        "what each section measures.")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 repetitions (a smoke test, < 20 s)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    ap.add_argument("--only", default=None, help=f"comma-separated sections: {','.join(SECTIONS)}")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads (default 2; 1 with --quick, which is then immune to a busy machine)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 5; 2 with --quick)")
+    ap.add_argument("--out", default="assets", help="folder for the plots, bench.json and bench.md")
+    ap.add_argument("--_memory_point", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.reps is None:
+        args.reps = 2 if args.quick else 5
+    if args.threads is None:
+        args.threads = 1 if args.quick else 2
+    if args.reps < 1:
+        ap.error("--reps must be >= 1")
+    args.sections = SECTIONS if not args.only else [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device available")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args._memory_point is not None:     # internal: memory measurements in this fresh process
+        for spec in json.loads(args._memory_point):
+            print(json.dumps(memory_point(spec)), flush=True)
+        return
+    torch.set_num_threads(args.threads)
+    B = Bench(args)
+    B.out.mkdir(parents=True, exist_ok=True)
+    info = machine_info(args, B.device)
+    print(f"machine: {info['cpu']} | {info['cores']} cores ({info['cores_usable']} usable) | ISA {info['isa']} | "
+          f"torch {info['torch']} | transformers {info['transformers']} | {info['threads']} threads | "
+          f"device {info['device']}{' (' + info['gpu'] + ')' if 'gpu' in info else ''} | {info['dtype']} | "
+          f"load average {', '.join(f'{x:.2f}' for x in info['load_average'] or [])}")
+    print(f"shapes: {'quick (tiny)' if args.quick else 'mamba2-130m'}: d_model {B.S.d_model}, d_state {B.S.d_state}, "
+          f"headdim {B.S.headdim}, {B.S.n_layer} layers, vocab {B.S.vocab}; {args.reps} reps (median)")
+    start = time.perf_counter()
+    seconds = {}
+    for name in args.sections:
+        t0 = time.perf_counter()
+        RUNNERS[name](B)
+        seconds[name] = time.perf_counter() - t0
+    md = summary_markdown(B, info)
+    report = {"machine": info, "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "shapes": asdict(B.S), "section_seconds": seconds, "results": B.results, "summary": B.summary}
+    (B.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+    (B.out / "bench.md").write_text(md)
+    print("\n" + md)
+    print(f"[{time.perf_counter() - start:.1f} s; wrote {B.out}/bench.json, bench.md and the plots]")
+
+
+if __name__ == "__main__":
+    main()
