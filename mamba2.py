@@ -334,11 +334,14 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-             state: torch.Tensor, D: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One token of the recurrence, constant time; updates `state` in place.
+             state: torch.Tensor, D: Optional[torch.Tensor] = None):
+    """One token of the recurrence, constant time: returns (y, new state).
+
+    Without autograd recording (inference) the new state *is* `state`, updated in place with no allocation;
+    when some input requires grad it is built out of place, leaving `state` untouched for backward.
 
     x: (b, h, p); dt: (b, h) positive; A: (h,); B, C: (b, g, n); state: (b, h, p, n); D: (h,) or (h, p).
-    Returns y (b, h, p) in x's dtype.
+    Returns y (b, h, p) in x's dtype and the state after the token.
     """
     b, h, p = x.shape
     g, n = B.shape[-2:]
@@ -348,12 +351,19 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     xdt = x.to(state.dtype) * dt.unsqueeze(-1)                                   # (b, h, p)
     # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies of B or C.
     s = state.view(b * g, r * p, n)
-    s.view(b * g, r, p, n).mul_(decay.view(b * g, r, 1, 1))                     # h = e^{dt A} h
-    s.baddbmm_(xdt.view(b * g, r * p, 1), B.to(state.dtype).reshape(b * g, 1, n))   # h += dt x B^T
+    Bg = B.to(state.dtype).reshape(b * g, 1, n)
+    new_state = state
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)):
+        s = torch.baddbmm((s.view(b * g, r, p, n) * decay.view(b * g, r, 1, 1)).view(b * g, r * p, n),
+                          xdt.view(b * g, r * p, 1), Bg)
+        new_state = s.view(b, h, p, n)
+    else:
+        s.view(b * g, r, p, n).mul_(decay.view(b * g, r, 1, 1))                 # h = e^{dt A} h
+        s.baddbmm_(xdt.view(b * g, r * p, 1), Bg)                                # h += dt x B^T
     y = torch.bmm(s, C.to(state.dtype).reshape(b * g, n, 1)).view(b, h, p)      # y = h C
     if D is not None:
         y = y + x * (D if D.dim() == 2 else D[:, None])
-    return y.to(x.dtype)
+    return y.to(x.dtype), new_state
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float("inf"))) -> torch.Tensor:
@@ -483,9 +493,8 @@ def _split_conv_scan_block(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, ch
         D = D.view(nheads, headdim)
 
     if ssm_state is not None and l == 1 and seq_idx is None:
-        y = ssd_step(x.view(b, nheads, headdim), dt[:, 0], A, B.view(b, ngroups, d_state),
-                     C.view(b, ngroups, d_state), ssm_state, D)             # (b, h, p)
-        final_state = ssm_state
+        y, final_state = ssd_step(x.view(b, nheads, headdim), dt[:, 0], A, B.view(b, ngroups, d_state),
+                                  C.view(b, ngroups, d_state), ssm_state, D)   # (b, h, p)
     else:
         y, final_state = ssd(x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, d_state)),
                              C.unflatten(-1, (ngroups, d_state)), chunk_size, D=D, initial_states=initial_states,
@@ -536,8 +545,10 @@ class InferenceCache:
     starts from these and leaves the state after its last token in them, whatever the number of tokens.
     """
 
-    def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+    def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+                 initial_ssm_state: Optional[torch.Tensor] = None):
         self.conv_state, self.ssm_state = conv_state, ssm_state
+        self.initial_ssm_state = initial_ssm_state   # what reset() restores (learned init states), else zeros
 
     @classmethod
     def alloc(cls, batch_size: int, config: Mamba2Config, device=None, dtype=None) -> "InferenceCache":
@@ -550,7 +561,10 @@ class InferenceCache:
 
     def reset(self) -> "InferenceCache":
         self.conv_state.zero_()
-        self.ssm_state.zero_()
+        if self.initial_ssm_state is None:
+            self.ssm_state.zero_()
+        else:
+            self.ssm_state.copy_(self.initial_ssm_state)
         return self
 
     @property
@@ -654,11 +668,18 @@ class Mamba2(nn.Module):
         zxbcdt = self.in_proj(u)                                                # (b, l, d_in_proj)
         args = self.scan_arguments()
         if cache is not None:
-            y, state, conv_state = _split_conv_scan(zxbcdt, initial_states=cache.ssm_state, seq_idx=seq_idx,
-                                                    conv_state=cache.conv_state, ssm_state=cache.ssm_state, **args)
-            if state is not cache.ssm_state:
-                cache.ssm_state.copy_(state)
-            cache.conv_state.copy_(conv_state)
+            # Under autograd the graph keeps the states it started from: give it copies, as the cache is
+            # overwritten below (at inference the step updates the cache in place, with no copy at all).
+            ssm, conv = cache.ssm_state, cache.conv_state
+            if torch.is_grad_enabled():
+                ssm, conv = ssm.clone(), conv.clone()
+            y, state, conv_state = _split_conv_scan(zxbcdt, initial_states=ssm, seq_idx=seq_idx, conv_state=conv,
+                                                    ssm_state=ssm, **args)
+            if state is cache.ssm_state:   # the step updated it in place: hand back a copy
+                state = state.clone()
+            else:
+                cache.ssm_state.copy_(state.detach())
+            cache.conv_state.copy_(conv_state.detach())
         elif self.config.use_mem_eff_path and torch.is_grad_enabled() and zxbcdt.requires_grad:
             # Keep only zxbcdt; recompute conv, scan and norm in backward (same function, no second copy).
             y, state, _ = torch.utils.checkpoint.checkpoint(
@@ -693,6 +714,10 @@ class Mamba2(nn.Module):
             if initial_states is not None:
                 raise ValueError("pass either initial_states or a cache (whose ssm_state is the start), not both")
             _check_tensor("cache.ssm_state", cache.ssm_state, shape, floating=True, device=u.device)
+            dtype = self.in_proj.weight.dtype
+            if cache.ssm_state.dtype != dtype or cache.conv_state.dtype != dtype:
+                raise TypeError(f"cache has dtype {cache.ssm_state.dtype}/{cache.conv_state.dtype}, the layer runs "
+                                f"in {dtype}; allocate it with allocate_inference_cache")
             _check_tensor("cache.conv_state", cache.conv_state, (b, cfg.conv_dim, cfg.d_conv), floating=True,
                           device=u.device)
         elif initial_states is None and cfg.learnable_init_states:
@@ -704,7 +729,8 @@ class Mamba2(nn.Module):
         cache = InferenceCache.alloc(batch_size, self.config, device=device or self.in_proj.weight.device,
                                      dtype=dtype or self.in_proj.weight.dtype)
         if self.config.learnable_init_states:
-            cache.ssm_state.copy_(self.init_states.detach().expand_as(cache.ssm_state))
+            cache.initial_ssm_state = self.init_states.detach().to(cache.ssm_state.dtype).expand_as(cache.ssm_state)
+            cache.reset()
         return cache
 
 
@@ -1043,13 +1069,13 @@ def read_checkpoint_config(path: Path):
 
 def config_to_mamba_ssm(config: Mamba2Config) -> dict:
     """Mamba2Config -> an official-style config.json dict (block fields that differ from defaults go to ssm_cfg)."""
-    defaults = Mamba2Config(d_model=config.d_model)
+    defaults = {f.name: f.default for f in fields(Mamba2Config)}
     ssm_cfg = {"layer": "Mamba2"}
     for name in _BLOCK_FIELDS[1:]:
         value = getattr(config, name)
         if name == "d_ssm" and value == config.d_inner:
             continue
-        if value != getattr(defaults, name):
+        if value != defaults[name]:
             ssm_cfg[name] = list(value) if isinstance(value, tuple) else value
     out = {k: getattr(config, k) for k in _LM_KEYS}
     out.update(ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, fused_add_norm=True)
@@ -1086,7 +1112,8 @@ def _load_weight_file(file: Path) -> dict:
             from safetensors import safe_open
             with safe_open(str(file), framework="pt") as f:
                 return {k: f.get_tensor(k) for k in f.keys()}
-        return torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+        import zipfile   # legacy (non-zip) torch.save files cannot be memory-mapped
+        return torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
     except Exception as e:
         if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
             raise ValueError(f"refusing to load {file}: it holds more than plain tensors (arbitrary pickled "
