@@ -52,9 +52,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -903,7 +905,8 @@ class Mamba2LMHeadModel(nn.Module):
         config, fmt = read_checkpoint_config(path)
         with torch.device("meta"):
             model = cls(config)
-        tensors = load_checkpoint_tensors(path)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        tensors = load_checkpoint_tensors(path, lambda t: t.to(device=device, dtype=dtype or t.dtype))
         if fmt == "transformers" and "backbone.embeddings.weight" in tensors:
             tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
         expected = dict(model.state_dict())
@@ -920,9 +923,7 @@ class Mamba2LMHeadModel(nn.Module):
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the config implies "
                                  f"{tuple(expected[name].shape)}")
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in tensors.items()},
-                              strict=False, assign=True)
+        model.load_state_dict(tensors, strict=False, assign=True)
         model.tie_weights()
         return model.eval()
 
@@ -1082,8 +1083,11 @@ def config_to_mamba_ssm(config: Mamba2Config) -> dict:
     return out
 
 
-def load_checkpoint_tensors(path: Path) -> dict:
-    """All weight tensors of a checkpoint directory, memory-mapped, without unpickling anything but tensors."""
+def load_checkpoint_tensors(path: Path, convert=None) -> dict:
+    """All weight tensors of a checkpoint directory, memory-mapped, without unpickling anything but tensors.
+
+    `convert` (e.g. a dtype/device cast) is applied to each tensor as it is read, so a checkpoint is never held
+    in memory twice (say, in fp32 and in bf16)."""
     path = Path(path)
     candidates = ["model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                   "pytorch_model.bin"]
@@ -1100,25 +1104,28 @@ def load_checkpoint_tensors(path: Path) -> dict:
         files = [found]
     tensors = {}
     for f in files:
-        tensors.update(_load_weight_file(f))
+        tensors.update(_load_weight_file(f, convert or (lambda t: t)))
     return tensors
 
 
-def _load_weight_file(file: Path) -> dict:
+def _load_weight_file(file: Path, convert) -> dict:
     if not file.is_file():
         raise ValueError(f"weight file {file} is missing")
     try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(file), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}
-        import zipfile   # legacy (non-zip) torch.save files cannot be memory-mapped
-        return torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
+                return {k: convert(f.get_tensor(k)) for k in f.keys()}
+        # legacy (non-zip) torch.save files cannot be memory-mapped; weights_only never runs pickled code
+        state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file), weights_only=True)
     except Exception as e:
-        if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
             raise ValueError(f"refusing to load {file}: it holds more than plain tensors (arbitrary pickled "
                              f"objects are never executed)") from e
         raise ValueError(f"cannot read weight file {file} (truncated or corrupt?): {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file} does not hold a state dict of tensors")
+    return {k: convert(v) for k, v in state.items()}
 
 
 # ====================================================================================== 9. generation
@@ -1241,7 +1248,7 @@ class TextStreamer:
 
     def __init__(self, tokenizer, file=None):
         self.tokenizer, self.file = tokenizer, file or sys.stdout
-        self.tokens, self.printed, self.prompt_len = [], 0, None
+        self.tokens, self.printed = [], 0
 
     def put(self, tokens: torch.Tensor):
         self.tokens.extend(tokens.reshape(-1).tolist())
