@@ -963,15 +963,18 @@ class Mamba2ForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """input_ids (b, l), attention_mask (b, l) with one contiguous run of 1s per row -> logits (b, num_labels)."""
-        b, l = input_ids.shape if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else (None, None)
-        seq_idx, last = None, None
+        seq_idx = None
         if attention_mask is not None:
-            mask = _check_attention_mask(attention_mask, input_ids, contiguous_only=True)
+            mask = _check_attention_mask(attention_mask, input_ids, contiguous_only=True)   # validates input_ids
             # segments: pads before, the real run, pads after; the real run then sees no padding at all
             seq_idx = F.pad((mask[:, 1:] != mask[:, :-1]).int().cumsum(1), (1, 0)).int()  # (b, l)
-            last = l - 1 - mask.flip(1).int().argmax(1)                                      # (b,)
         hidden = self.backbone(input_ids, seq_idx=seq_idx)                                   # (b, l, d)
-        pooled = hidden[:, -1] if last is None else hidden[torch.arange(b, device=hidden.device), last]
+        if attention_mask is None:
+            pooled = hidden[:, -1]
+        else:
+            b, l = mask.shape
+            last = l - 1 - mask.flip(1).int().argmax(1)                                      # (b,) last real token
+            pooled = hidden[torch.arange(b, device=hidden.device), last]                     # (b, d)
         return self.score(pooled)                                                            # (b, num_labels)
 
 
