@@ -448,19 +448,20 @@ def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_si
     """The whole block after in_proj, shared by every path (chunked, step, memory-efficient, cached).
 
     zxbcdt: (b, l, d_in_proj). With ssm_state (b, h, p, n) and l == 1 and no seq_idx, the constant-time
-    recurrent step runs and updates ssm_state in place; otherwise the chunked scan runs from
-    `initial_states`. Returns (out, final ssm state, final conv state).
+    recurrent step runs (in place on ssm_state at inference, see ssd_step); otherwise the chunked scan runs
+    from `initial_states`. Returns (out, final ssm state, final conv state).
 
     A long input runs in blocks of `block_len` tokens that hand their conv and SSM states to the next
     block exactly as a cache does, so the result is the same for any block length.
     """
     b, l, _ = zxbcdt.shape
+    weights = dict(conv1d_weight=conv1d_weight, conv1d_bias=conv1d_bias, dt_bias=dt_bias, A=A, D=D,
+                   chunk_size=chunk_size, dt_limit=dt_limit, rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps,
+                   outproj_weight=outproj_weight, outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups,
+                   norm_before_gate=norm_before_gate)
     block_len = block_len or SEQ_BLOCK_LEN.get(zxbcdt.device.type, l)
     if l <= block_len:
-        return _split_conv_scan_block(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
-                                      initial_states, seq_idx, dt_limit, rmsnorm_weight, rmsnorm_eps,
-                                      outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
-                                      conv_state, ssm_state)
+        return _split_conv_scan_block(zxbcdt, initial_states, seq_idx, conv_state, ssm_state, **weights)
     outs, state = [], initial_states
     for start in range(0, l, block_len):
         end = min(start + block_len, l)
@@ -469,17 +470,14 @@ def _split_conv_scan(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_si
             keep = seq_idx[:, start] == seq_idx[:, start - 1]                       # (b,)
             conv_state = conv_state * keep[:, None, None]
             state = state * keep[:, None, None, None]
-        y, state, conv_state = _split_conv_scan_block(
-            zxbcdt[:, start:end], conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, state, seg, dt_limit,
-            rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
-            conv_state, None)
+        y, state, conv_state = _split_conv_scan_block(zxbcdt[:, start:end], state, seg, conv_state, None, **weights)
         outs.append(y)
     return torch.cat(outs, dim=1), state, conv_state
 
 
-def _split_conv_scan_block(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states,
-                           seq_idx, dt_limit, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim,
-                           ngroups, norm_before_gate, conv_state, ssm_state):
+def _split_conv_scan_block(zxbcdt, initial_states, seq_idx, conv_state, ssm_state, *, conv1d_weight, conv1d_bias,
+                           dt_bias, A, D, chunk_size, dt_limit, rmsnorm_weight, rmsnorm_eps, outproj_weight,
+                           outproj_bias, headdim, ngroups, norm_before_gate):
     b, l, _ = zxbcdt.shape
     nheads = dt_bias.shape[0]
     d_ssm = nheads * headdim
@@ -682,7 +680,7 @@ class Mamba2(nn.Module):
             else:
                 cache.ssm_state.copy_(state.detach())
             cache.conv_state.copy_(conv_state.detach())
-        elif self.config.use_mem_eff_path and torch.is_grad_enabled() and zxbcdt.requires_grad:
+        elif self.config.use_mem_eff_path and zxbcdt.requires_grad:   # False under no_grad / inference_mode
             # Keep only zxbcdt; recompute conv, scan and norm in backward (same function, no second copy).
             y, state, _ = torch.utils.checkpoint.checkpoint(
                 _split_conv_scan, zxbcdt, initial_states=initial_states, seq_idx=seq_idx, use_reentrant=False,
@@ -1198,7 +1196,8 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in eos):
         raise ValueError(f"eos_token_id must be an int or a list of ints >= 0, got {eos_token_id!r}")
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if any(t >= model.config.vocab_size for t in eos + [pad]) or not isinstance(pad, int) or pad < 0:
+    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0 or any(t >= model.config.vocab_size
+                                                                           for t in eos + [pad]):
         raise ValueError(f"eos_token_id and pad_token_id must lie in [0, vocab_size={model.config.vocab_size}), "
                          f"got eos_token_id={eos_token_id!r}, pad_token_id={pad_token_id!r}")
     seq_idx = None
