@@ -729,7 +729,8 @@ class Mamba2(nn.Module):
         cache = InferenceCache.alloc(batch_size, self.config, device=device or self.in_proj.weight.device,
                                      dtype=dtype or self.in_proj.weight.dtype)
         if self.config.learnable_init_states:
-            cache.initial_ssm_state = self.init_states.detach().to(cache.ssm_state.dtype).expand_as(cache.ssm_state)
+            start = self.init_states.detach().to(cache.ssm_state.dtype)                # (h, p, n)
+            cache.initial_ssm_state = start.expand_as(cache.ssm_state)                  # (b, h, p, n)
             cache.reset()
         return cache
 
