@@ -758,7 +758,7 @@ def _residual_norm(config: Mamba2Config, device=None, dtype=None) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Prenorm residual block (official `mamba_ssm.modules.block.Block`): add -> norm -> mixer [-> add -> norm2 -> mlp]."""
+    """Prenorm residual block (official `Block`): add -> norm -> mixer [-> add -> norm2 -> mlp]."""
 
     def __init__(self, config: Mamba2Config, layer_idx: int, device=None, dtype=None):
         super().__init__()
