@@ -518,16 +518,62 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
 
     norm_before_gate=True: norm(x) * silu(z); False: norm(x * silu(z)). Statistics in fp32.
     """
-    dtype, cdt = x.dtype, _compute_dtype(x.dtype)
-    x = x.to(cdt)
-    if z is not None and not norm_before_gate:
-        x = x * F.silu(z.to(cdt))
     group_size = group_size or x.shape[-1]
-    xg = x.unflatten(-1, (-1, group_size))                                   # (..., groups, group_size)
-    x = (xg * torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps)).flatten(-2) * weight.to(cdt)
-    if z is not None and norm_before_gate:
-        x = x * F.silu(z.to(cdt))
-    return x.to(dtype)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, z, weight)):
+        return _GatedRMSNorm.apply(x, z, weight, eps, group_size, norm_before_gate)
+    return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)[0]
+
+
+def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
+    """(out in x's dtype, rstd (..., groups, 1)). Works in place on its own temporaries, never on x or z."""
+    dtype, cdt = x.dtype, _compute_dtype(x.dtype)
+    gate = None if z is None else F.silu(z.to(cdt))
+    v = x.to(cdt)
+    if gate is not None and not norm_before_gate:
+        v, gate = gate.mul_(v), None                                          # x * silu(z) is what is normalised
+    vg = v.unflatten(-1, (-1, group_size))                                    # (..., groups, group_size)
+    rstd = torch.linalg.vector_norm(vg, dim=-1, keepdim=True).square_().div_(group_size).add_(eps).rsqrt_()
+    out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight.to(cdt))
+    if gate is not None:
+        out.mul_(gate)
+    return out.to(dtype), rstd
+
+
+class _GatedRMSNorm(torch.autograd.Function):
+    """rms_norm_gated with its backward written out: keeps x, z and the per-group 1/rms, nothing the size of
+    an intermediate."""
+
+    @staticmethod
+    def forward(ctx, x, z, weight, eps, group_size, norm_before_gate):
+        out, rstd = _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
+        ctx.save_for_backward(x, z, weight, rstd)
+        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, z, weight, rstd = ctx.saved_tensors
+        cdt, gs, gate_after = _compute_dtype(x.dtype), ctx.group_size, ctx.norm_before_gate
+        x32, dout, w = x.to(cdt), dout.to(cdt), weight.to(cdt)
+        if z is not None:
+            z32 = z.to(cdt)
+            sig = torch.sigmoid(z32)
+            silu = z32 * sig
+        v = x32 * silu if z is not None and not gate_after else x32                # what was normalised
+        normed = (v.unflatten(-1, (-1, gs)) * rstd).flatten(-2)                    # v / rms(v), per group
+        scale = dout * silu if z is not None and gate_after else dout              # dL/d(normed * weight)
+        dweight = (scale * normed).flatten(0, -2).sum(0)
+        dn = (scale * w).unflatten(-1, (-1, gs))                                   # dL/d(normed)
+        ng = normed.unflatten(-1, (-1, gs))
+        dv = (dn - ng * (dn * ng).mean(-1, keepdim=True)).mul_(rstd).flatten(-2)   # through rstd = mean(v^2)^-1/2
+        dz = None
+        if z is not None:
+            dsilu = dout * normed * w if gate_after else dv * x32
+            dz = dsilu.mul_(sig * (1 + z32 * (1 - sig))).to(z.dtype)             # silu'(z) = s (1 + z (1 - s))
+            if not gate_after:
+                dv = dv * silu
+        return dv.to(x.dtype), dz, dweight.to(weight.dtype), None, None, None
 
 
 class RMSNormGated(nn.Module):
@@ -613,7 +659,7 @@ def _split_conv_scan_block(zxbcdt, initial_states, seq_idx, conv_state, ssm_stat
     z0, x0, z, xBC, dt = zxbcdt.split([d_mlp, d_mlp, d_ssm, d_ssm + 2 * ngroups * d_state, nheads], dim=-1)
 
     xBC, conv_state = causal_conv1d(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_state)  # (b, l, conv_dim)
-    xBC = F.silu(xBC)
+    xBC = F.silu(xBC, inplace=not (torch.is_grad_enabled() and xBC.requires_grad))   # in place on our own output
     x, B, C = xBC.split([d_ssm, ngroups * d_state, ngroups * d_state], dim=-1)
     dt = discretize_dt(dt, dt_bias, dt_limit)                                # (b, l, h) fp32
     if D is not None and D.dim() == 1 and D.shape[0] == d_ssm:               # D_has_hdim
