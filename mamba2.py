@@ -70,7 +70,7 @@ from einops import rearrange
 __all__ = [
     "Mamba2Config", "Mamba2", "RMSNormGated", "InferenceCache", "Mamba2Model", "Mamba2LMHeadModel",
     "Mamba2ForSequenceClassification", "GatedMLP", "causal_conv1d", "ssd", "ssd_step", "rms_norm_gated",
-    "mamba_split_conv1d_scan_combined", "seq_idx_from_cu_seqlens", "DEFAULT_MODEL",
+    "mamba_split_conv1d_scan_combined", "seq_idx_from_cu_seqlens", "causal_conv1d_step", "DEFAULT_MODEL",
 ]
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "models" / "mamba2-pystdlib")
@@ -227,6 +227,22 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y = y.add_(bias.to(x.dtype))
     new_state = new_state * (seg[:, -w:] == seq_idx[:, -1:]).unsqueeze(-1)
     return y, new_state.transpose(1, 2)                             # (b, l, d), (b, d, w)
+
+
+def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], state: torch.Tensor):
+    """One token of causal_conv1d, in its recurrent form: the window of the last w inputs moves on by one and each
+    channel takes one dot product with its taps.
+
+    x: (b, d); weight: (d, 1, w); state: (b, d, w) the last w inputs. Like ssd_step, the state is updated in place
+    at inference and left untouched when autograd records. Returns y (b, d) and the new state.
+    """
+    window = torch.cat([state[..., 1:], x.unsqueeze(-1).to(state.dtype)], dim=-1)  # (b, d, w)
+    y = torch.linalg.vecdot(window, weight[:, 0].to(state.dtype))                  # (b, d)
+    if bias is not None:
+        y = y.add_(bias)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or state.requires_grad)):
+        window = state.copy_(window)
+    return y.to(x.dtype), window
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -462,35 +478,33 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     when some input requires grad it is built out of place, leaving `state` untouched for backward.
 
     x: (b, h, p); dt: (b, h) positive; A: (h,); B, C: (b, g, n); state: (b, h, p, n); D: (h,) or (h, p).
-    Returns y (b, h, p) in x's dtype and the state after the token.
+    Returns y (b, h, p) in x's dtype and the state after the token, in the state's dtype.
     """
     b, h, p = x.shape
     g, n = B.shape[-2:]
     r = h // g
-    dt = dt.to(state.dtype)
-    decay = torch.exp(dt * A.to(state.dtype))                                    # (b, h)
-    xdt = x.to(state.dtype) * dt.unsqueeze(-1)                                   # (b, h, p)
+    cdt = state.dtype
+    decay = torch.exp(dt * A).to(cdt).view(b * g, r, 1, 1)                        # e^{dt A}, per head
+    xdt = (x * dt.unsqueeze(-1)).to(cdt).view(b * g, r * p, 1)                   # dt x
     # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies of B or C.
-    s = state.view(b * g, r * p, n)
-    Bg = B.to(state.dtype).reshape(b * g, 1, n)
-    new_state = state
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C)):
-        s = torch.baddbmm((s.view(b * g, r, p, n) * decay.view(b * g, r, 1, 1)).view(b * g, r * p, n),
-                          xdt.view(b * g, r * p, 1), Bg)
+    Bg, Cg = B.to(cdt).reshape(b * g, 1, n), C.to(cdt).reshape(b * g, n, 1)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, state)):
+        s = torch.baddbmm((state.view(b * g, r, p, n) * decay).view(b * g, r * p, n), xdt, Bg)
         new_state = s.view(b, h, p, n)
     else:
-        s.view(b * g, r, p, n).mul_(decay.view(b * g, r, 1, 1))                 # h = e^{dt A} h
-        s.baddbmm_(xdt.view(b * g, r * p, 1), Bg)                                # h += dt x B^T
-    y = torch.bmm(s, C.to(state.dtype).reshape(b * g, n, 1)).view(b, h, p)      # y = h C
+        s = state.view(b * g, r, p, n).mul_(decay).view(b * g, r * p, n).baddbmm_(xdt, Bg)  # h = e^{dt A} h + dt x B^T
+        new_state = state
+    y = torch.bmm(s, Cg).view(b, h, p)                                           # y = h C
     if D is not None:
-        y = y + x * (D if D.dim() == 2 else D[:, None])
+        y = torch.addcmul(y, x.to(cdt), D.to(cdt) if D.dim() == 2 else D.to(cdt)[:, None])
     return y.to(x.dtype), new_state
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float("inf"))) -> torch.Tensor:
     """dt = softplus(dt + dt_bias) in fp32, clamped to dt_limit when that is not (0, inf)."""
-    dt = F.softplus(dt.to(_compute_dtype(dt.dtype)) + dt_bias.to(_compute_dtype(dt.dtype)))
-    if tuple(dt_limit) != (0.0, float("inf")):
+    cdt = _compute_dtype(dt.dtype)
+    dt = F.softplus(dt.to(cdt) + dt_bias.to(cdt))
+    if dt_limit[0] > 0.0 or dt_limit[1] != math.inf:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
 
@@ -533,7 +547,7 @@ def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
         v, gate = gate.mul_(v), None                                          # x * silu(z) is what is normalised
     vg = v.unflatten(-1, (-1, group_size))                                    # (..., groups, group_size)
     rstd = torch.linalg.vector_norm(vg, dim=-1, keepdim=True).square_().div_(group_size).add_(eps).rsqrt_()
-    out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight.to(cdt))
+    out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight)
     if gate is not None:
         out.mul_(gate)
     return out.to(dtype), rstd
@@ -656,16 +670,21 @@ def _split_conv_scan_block(zxbcdt, initial_states, seq_idx, conv_state, ssm_stat
     d_ssm = nheads * headdim
     d_state = (conv1d_weight.shape[0] - d_ssm) // (2 * ngroups)
     d_mlp = (zxbcdt.shape[-1] - 2 * d_ssm - 2 * ngroups * d_state - nheads) // 2
-    z0, x0, z, xBC, dt = zxbcdt.split([d_mlp, d_mlp, d_ssm, d_ssm + 2 * ngroups * d_state, nheads], dim=-1)
+    z0, x0, z, xBC, dt = zxbcdt.split_with_sizes([d_mlp, d_mlp, d_ssm, d_ssm + 2 * ngroups * d_state, nheads], -1)
 
-    xBC, conv_state = causal_conv1d(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_state)  # (b, l, conv_dim)
+    step = ssm_state is not None and l == 1 and seq_idx is None      # one token through a cache: recurrent form
+    if step:
+        xBC, conv_state = causal_conv1d_step(xBC[:, 0], conv1d_weight, conv1d_bias, conv_state)
+        xBC = xBC.unsqueeze(1)                                                # (b, 1, conv_dim)
+    else:
+        xBC, conv_state = causal_conv1d(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_state)  # (b, l, conv_dim)
     xBC = F.silu(xBC, inplace=not (torch.is_grad_enabled() and xBC.requires_grad))   # in place on our own output
-    x, B, C = xBC.split([d_ssm, ngroups * d_state, ngroups * d_state], dim=-1)
+    x, B, C = xBC.split_with_sizes([d_ssm, ngroups * d_state, ngroups * d_state], -1)
     dt = discretize_dt(dt, dt_bias, dt_limit)                                # (b, l, h) fp32
     if D is not None and D.dim() == 1 and D.shape[0] == d_ssm:               # D_has_hdim
         D = D.view(nheads, headdim)
 
-    if ssm_state is not None and l == 1 and seq_idx is None:
+    if step:
         y, final_state = ssd_step(x.view(b, nheads, headdim), dt[:, 0], A, B.view(b, ngroups, d_state),
                                   C.view(b, ngroups, d_state), ssm_state, D)   # (b, h, p)
     else:
@@ -817,13 +836,13 @@ class Mamba2(nn.Module):
 
     def scan_arguments(self) -> dict:
         """The block's parameters as `mamba_split_conv1d_scan_combined` takes them (one place for all paths)."""
-        cfg = self.config
-        return dict(conv1d_weight=self.conv1d.weight, conv1d_bias=self.conv1d.bias, dt_bias=self.dt_bias,
-                    A=-torch.exp(self.A_log.to(_compute_dtype(self.A_log.dtype))), D=self.D, dt_limit=cfg.dt_limit,
-                    chunk_size=min(cfg.chunk_size, CHUNK_LEN_CAP.get(self.A_log.device.type, cfg.chunk_size)),
-                    rmsnorm_weight=self.norm.weight if cfg.rmsnorm else None,
-                    rmsnorm_eps=self.norm.eps if cfg.rmsnorm else 1e-6,
-                    outproj_weight=self.out_proj.weight, outproj_bias=self.out_proj.bias,
+        cfg, conv, out, A_log = self.config, self.conv1d, self.out_proj, self.A_log
+        norm = self.norm if cfg.rmsnorm else None
+        return dict(conv1d_weight=conv.weight, conv1d_bias=conv.bias, dt_bias=self.dt_bias,
+                    A=-torch.exp(A_log.to(_compute_dtype(A_log.dtype))), D=self.D, dt_limit=cfg.dt_limit,
+                    chunk_size=min(cfg.chunk_size, CHUNK_LEN_CAP.get(A_log.device.type, cfg.chunk_size)),
+                    rmsnorm_weight=None if norm is None else norm.weight, rmsnorm_eps=1e-6 if norm is None else norm.eps,
+                    outproj_weight=out.weight, outproj_bias=out.bias,
                     headdim=cfg.headdim, ngroups=cfg.ngroups, norm_before_gate=cfg.norm_before_gate)
 
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
@@ -851,7 +870,8 @@ class Mamba2(nn.Module):
                 state = state.clone() if return_final_states else None
             else:
                 cache.ssm_state.copy_(state.detach())
-            cache.conv_state.copy_(conv_state.detach())
+            if conv_state is not cache.conv_state:
+                cache.conv_state.copy_(conv_state.detach())
         else:
             # The memory-efficient path keeps only each sequence block's input u and recomputes the block (in_proj,
             # conv, scan, norm, out_proj) in backward: same function, no second copy of the math.
