@@ -841,8 +841,8 @@ class Mamba2(nn.Module):
         return dict(conv1d_weight=conv.weight, conv1d_bias=conv.bias, dt_bias=self.dt_bias,
                     A=-torch.exp(A_log.to(_compute_dtype(A_log.dtype))), D=self.D, dt_limit=cfg.dt_limit,
                     chunk_size=min(cfg.chunk_size, CHUNK_LEN_CAP.get(A_log.device.type, cfg.chunk_size)),
-                    rmsnorm_weight=None if norm is None else norm.weight, rmsnorm_eps=1e-6 if norm is None else norm.eps,
-                    outproj_weight=out.weight, outproj_bias=out.bias,
+                    rmsnorm_weight=None if norm is None else norm.weight,
+                    rmsnorm_eps=1e-6 if norm is None else norm.eps, outproj_weight=out.weight, outproj_bias=out.bias,
                     headdim=cfg.headdim, ngroups=cfg.ngroups, norm_before_gate=cfg.norm_before_gate)
 
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
