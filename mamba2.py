@@ -208,7 +208,7 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     w = weight.shape[-1]
     history = x.new_zeros(b, w, d) if state is None else state.transpose(1, 2).to(x.dtype)
     xp = torch.cat([history, x], dim=1)                             # (b, w + l, d): inputs incl. history
-    new_state = xp[:, -w:]                                          # (b, w, d)
+    new_state = xp[:, -w:].clone()        # (b, w, d), its own storage: a view would keep all of xp alive
     if seq_idx is None:
         # One depthwise convolution. (b, w-1+l, d) seen as (b, d, 1, w-1+l) is channels-last already, which
         # oneDNN convolves without a transposing copy: 2.3x faster here than w shifted multiply-adds.
@@ -1045,6 +1045,56 @@ def _init_lm_weights(model: nn.Module, n_layer: int):
                 p /= math.sqrt(n_layer)
 
 
+# Tokens per chunk of the fused loss: at most 2^25 logits (128 MB in fp32) exist at a time.
+LOSS_CHUNK_LOGITS = 1 << 25
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = hidden @ weightᵀ against targets, chunk by chunk over tokens, never holding
+    the (tokens, vocab) logits: each chunk's softmax becomes its own gradient in place (softmax - one-hot), and
+    the gradients of hidden and weight are accumulated at once, so backward only scales them. Same value and
+    gradients as F.cross_entropy(hidden @ weightᵀ, targets, ignore_index=...), with 3 of its 5 passes over the
+    logits and a fraction of the memory."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        cdt = _compute_dtype(weight.dtype)
+        valid = targets != ignore_index                                           # (n,)
+        scale = 1.0 / valid.sum().to(cdt)                                         # the mean over valid targets
+        grads = any(ctx.needs_input_grad[:2])
+        dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        dweight = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if ctx.needs_input_grad[1] else None
+        chunk = max(1, LOSS_CHUNK_LOGITS // vocab)
+        buffer = hidden.new_empty(min(chunk, n), vocab)                          # reused by every chunk
+        total = hidden.new_zeros((), dtype=cdt)
+        for start in range(0, n, chunk):
+            h, t, v = hidden[start:start + chunk], targets[start:start + chunk], valid[start:start + chunk]
+            logits = torch.matmul(h, weight.t(), out=buffer[:len(h)]).to(cdt)   # (chunk, vocab)
+            lse = torch.logsumexp(logits, -1)                                     # (chunk,)
+            picked = logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1)   # the target's logit
+            total += ((lse - picked) * v).sum()
+            if grads:   # d(loss)/d(logits) = (softmax - one-hot) / count, built in place
+                g = logits.sub_(lse.unsqueeze(1)).exp_()
+                g.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -v.to(cdt).unsqueeze(1))
+                g.mul_((v * scale).unsqueeze(1))
+                if dweight is not None:
+                    dweight.addmm_(g.t(), h.to(cdt))
+                if dhidden is not None:
+                    torch.matmul(g.to(weight.dtype), weight, out=dhidden[start:start + chunk])
+        ctx.save_for_backward(dhidden, dweight)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        dhidden, dweight = ctx.saved_tensors
+        dhidden = None if dhidden is None else dhidden * dloss.to(dhidden.dtype)
+        dweight = None if dweight is None else (dweight * dloss).to(ctx.weight_dtype)
+        return dhidden, dweight, None, None
+
+
 class Mamba2LMHeadModel(nn.Module):
     """Mamba-2 language model with the official structure and state-dict names."""
 
@@ -1063,11 +1113,23 @@ class Mamba2LMHeadModel(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[list] = None, seq_idx: Optional[torch.Tensor] = None,
-                num_last_tokens: int = 0) -> torch.Tensor:
-        """input_ids (b, l) -> logits (b, l or num_last_tokens, padded vocab)."""
+                num_last_tokens: int = 0, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (b, l) -> logits (b, l or num_last_tokens, padded vocab).
+
+        With labels (b, l), returns instead the mean next-token cross-entropy: position t predicts labels[:, t+1]
+        (shifted inside, as in transformers), labels of -100 are ignored. It is computed without materialising the
+        logits (_LinearCrossEntropy), which is faster and far smaller than a loss taken on returned logits."""
         if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+        if labels is not None:
+            _check_labels(labels, input_ids, self.config.vocab_size)
+            if num_last_tokens:
+                raise ValueError(f"labels take the loss over every position; num_last_tokens must be 0, "
+                                 f"got {num_last_tokens}")
         hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)       # (b, l, d_model)
+        if labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)                 # (b, l): the next token, or ignored
+            return _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), -100)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]                             # logits only where needed
         return self.lm_head(hidden)                                           # (b, l', padded vocab)
@@ -1166,6 +1228,12 @@ class Mamba2ForSequenceClassification(nn.Module):
             last = l - 1 - mask.flip(1).int().argmax(1)                                      # (b,) last real token
             pooled = hidden[torch.arange(b, device=hidden.device), last]                     # (b, d)
         return self.score(pooled)                                                            # (b, num_labels)
+
+
+def _check_labels(labels, input_ids, vocab_size: int):
+    _check_tensor("labels", labels, tuple(input_ids.shape), floating=False, device=input_ids.device)
+    if (((labels < 0) & (labels != -100)) | (labels >= vocab_size)).any():
+        raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100 (ignored)")
 
 
 def _check_attention_mask(attention_mask, input_ids, contiguous_only=False, left_only=False) -> torch.Tensor:

@@ -11,6 +11,7 @@ Sections: the block; robustness; the language model; the shipped model, scripts 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import math
@@ -381,6 +382,35 @@ def test_cache_reset_gives_identical_rerun(learnable):
     assert torch.equal(cache.conv_state, first_states[0]) and torch.equal(cache.ssm_state, first_states[1])
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_step_equals_convolution_and_updates_in_place(bias):
+    """causal_conv1d_step (the window form used when decoding) gives, token after token, what causal_conv1d gives
+    for the whole input, and the same final window; it works in place at inference and leaves the state alone
+    when autograd records. The oneDNN path (no segments) and the masked shift-and-add path (one segment) agree."""
+    b, d, w, l = 2, 6, 4, 9
+    x, weight = rand(b, l, d, seed=40), rand(d, 1, w, seed=41)
+    bias_t = rand(d, seed=42) if bias else None
+    state0 = rand(b, d, w, seed=43)
+    ref, ref_state = mamba2.causal_conv1d(x, weight, bias_t, None, state0)
+    one_segment = mamba2.causal_conv1d(x, weight, bias_t, torch.zeros(b, l, dtype=torch.int32), state0)
+    assert_rel(one_segment[0], ref, 1e-14, "masked path with one segment vs oneDNN path")
+    assert torch.equal(one_segment[1], ref_state)
+    state, outs = state0.clone(), []
+    with torch.no_grad():
+        for t in range(l):
+            y, new_state = mamba2.causal_conv1d_step(x[:, t], weight, bias_t, state)
+            assert new_state is state                     # updated in place, no allocation of a new state
+            outs.append(y)
+    assert_rel(torch.stack(outs, 1), ref, 1e-14, "stepped vs whole")
+    assert torch.equal(state, ref_state)
+    xt = x[:, 0].clone().requires_grad_()
+    state = state0.clone()
+    y, new_state = mamba2.causal_conv1d_step(xt, weight, bias_t, state)
+    assert new_state is not state and torch.equal(state, state0)   # autograd keeps the window it started from
+    y.sum().backward()
+    assert_rel(xt.grad, weight[:, 0, -1].expand(b, d), 1e-15, "dy/dx is the last tap")
+
+
 def test_cache_long_prefill_then_steps():
     """A cached prompt longer than one CPU processing block (SEQ_BLOCK_LEN), then single-token steps."""
     block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16, ngroups=2)
@@ -638,6 +668,44 @@ def test_ssd_gradcheck_with_seq_idx_and_initial_states():
     assert torch.autograd.gradcheck(f, (x, dt, A, B, C, D, h0), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+@pytest.mark.parametrize("case", ["plain", "D_h0", "segments", "D_hdim_segments"])
+def test_ssd_adjoint_equals_autograd_through_recurrence(case, chunk):
+    """The scan's hand-written backward (_ssd_backward) against autograd through the token-by-token recurrence:
+    gradients of every input, for the output and the final state together, float64."""
+    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
+    seq_idx = torch.tensor([ids_from_lengths([5, 1, 16]), ids_from_lengths([12, 10])])
+    kwargs = {"plain": dict(), "D_h0": dict(D=D, initial_states=h0),
+              "segments": dict(D=D, initial_states=h0, seq_idx=seq_idx),
+              "D_hdim_segments": dict(D=rand(4, 3, seed=1).requires_grad_(), seq_idx=seq_idx)}[case]
+    leaves = [x, dt, A, B, C] + [v for k, v in kwargs.items() if k != "seq_idx"]
+    gy, gs = rand(2, 22, 4, 3, seed=2), rand(2, 4, 3, 5, seed=3)
+    grads = []
+    for scan in (lambda: ssd(x, dt, A, B, C, chunk, return_final_states=True, **kwargs),
+                 lambda: scan_reference(x, dt, A, B, C, **kwargs)):
+        y, s = scan()
+        grads.append(torch.autograd.grad((y * gy).sum() + (s * gs).sum(), leaves))
+    for name, got, want in zip(["x", "dt", "A", "B", "C"] + [k for k in kwargs if k != "seq_idx"], *grads):
+        assert_rel(got, want, 1e-11, f"d/d{name}")
+
+
+def test_ssd_backward_without_final_state_or_output_gradient():
+    """Only y, or only the final state, reaches the loss: the missing gradient is taken as zero."""
+    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
+    for use in ("y", "state"):
+        grads = []
+        for scan in (lambda: ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, return_final_states=True),
+                     lambda: scan_reference(x, dt, A, B, C, D=D, initial_states=h0)):
+            y, s = scan()
+            grads.append(torch.autograd.grad((y if use == "y" else s).square().sum(), [x, dt, A, B, C, D, h0],
+                                             allow_unused=True))
+        for got, want in zip(*grads):
+            if want is None:
+                assert got is None or not got.any()
+            else:
+                assert_rel(got, want, 1e-11, f"gradient through {use} only")
+
+
 def test_block_gradcheck():
     block = make_block(d_model=4, d_state=2, headdim=2, ngroups=2, d_conv=3, seed=19)   # mem-eff path
     names = ["dt_bias", "A_log", "D", "norm.weight", "conv1d.bias"]
@@ -690,20 +758,19 @@ def saved_bytes(block, u):
 
 
 def test_mem_eff_path_saves_memory():
-    # Measured with l=2048, d_model=16, d_state=16, headdim=8 (torch 2.13, CPU): the plain path saves
-    # ~9.9 MB (conv output, scan intermediates, norm inputs...), the memory-efficient path ~0.96 MB: the
-    # in_proj output (b*l*d_in_proj*4 = 0.82 MB), u and the weights (ratio 0.096, and 0.996x the minimum
-    # below). Two bounds with margin:
-    # under 60% of the plain path (the issue's requirement) and at most 1.25x what the checkpointed path
-    # fundamentally needs (u, the in_proj output and the parameters).
+    # Measured with l=2048, d_model=16, d_state=16, headdim=8 (torch 2.13, CPU): the plain path saves ~3.2 MB
+    # (the in_proj output, conv output, scan inputs and chunk states, norm inputs...), the memory-efficient path
+    # ~0.14 MB: only each sequence block's input u and the weights (ratio 0.044, and 0.995x the minimum below).
+    # Two bounds with margin: under 60% of the plain path (the issue's requirement) and at most 1.1x what the
+    # checkpointed path fundamentally needs (u and the parameters; the in_proj output is recomputed too).
     cfg = dict(d_model=16, d_state=16, headdim=8, chunk_size=64)
     plain = make_block(dtype=torch.float32, use_mem_eff_path=False, **cfg)
     eff = make_block(dtype=torch.float32, use_mem_eff_path=True, **cfg)
     u = rand(1, 2048, 16, seed=24, dtype=torch.float32).requires_grad_()
     plain_bytes, eff_bytes = saved_bytes(plain, u), saved_bytes(eff, u)
-    needed = (u.numel() + u.shape[1] * eff.config.d_in_proj + sum(p.numel() for p in eff.parameters())) * 4
+    needed = (u.numel() + sum(p.numel() for p in eff.parameters())) * 4
     assert eff_bytes < 0.6 * plain_bytes, (eff_bytes, plain_bytes)
-    assert eff_bytes <= 1.25 * needed, (eff_bytes, needed)
+    assert eff_bytes <= 1.1 * needed, (eff_bytes, needed)
 
 
 # ============================================================================ 8. chunk size independence
@@ -831,6 +898,30 @@ def test_rmsnorm_gated_per_group(ngroups, norm_before_gate, gated):
         x2[..., :d // ngroups] *= 7.0
         out1, out2 = norm(x, z), norm(x2, z)
         assert torch.allclose(out1[..., d // ngroups:], out2[..., d // ngroups:], rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("ngroups", [1, 2, 4])
+@pytest.mark.parametrize("norm_before_gate", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_rmsnorm_gated_backward(ngroups, norm_before_gate, gated):
+    """The norm's hand-written backward: float64 gradcheck of x, z and weight, and equal to autograd through the
+    per-group formula (so the gradients that reach the block and the LM are those of the definition)."""
+    d = 12
+    x = rand(3, 5, d, seed=36).requires_grad_()
+    z = rand(3, 5, d, seed=37).requires_grad_() if gated else None
+    weight = (1 + rand(d, seed=38, scale=0.3)).requires_grad_()
+    leaves = [t for t in (x, z, weight) if t is not None]
+
+    def f(*args):
+        x_, z_, w_ = (args[0], args[1], args[2]) if gated else (args[0], None, args[1])
+        return rms_norm_gated(x_, z_, w_, 1e-5, d // ngroups, norm_before_gate)
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
+    g = rand(3, 5, d, seed=39)
+    got = torch.autograd.grad((f(*leaves) * g).sum(), leaves)
+    want = torch.autograd.grad((manual_group_rmsnorm(x, z, weight, ngroups, norm_before_gate) * g).sum(), leaves)
+    for a, b in zip(got, want):
+        assert_rel(a, b, 1e-12, "gradient vs autograd through the formula")
 
 
 def test_rmsnorm_without_z_is_plain_rmsnorm_and_low_precision_stats_are_fp32():
@@ -1304,10 +1395,9 @@ _BLOCK_LENS = st.sampled_from([1, 3, 7, 256])
 
 # ================================================================== 1. property tests (hypothesis)
 
-@PROPERTY
-@given(data=st.data())
-def test_ssd_equals_token_recurrence(data):
-    """(a) chunked ssd == the recurrence, for random sizes, chunk lengths, segment layouts, D and h0."""
+def _draw_scan_case(data):
+    """Random scan inputs for the property tests: sizes, chunk length, segment layout, D (none, per head, per
+    channel) and initial state. Returns (chunk, x, dt, A, B, C, D, h0, seq_idx)."""
     b = data.draw(st.integers(1, 2), label="b")
     l = data.draw(st.integers(1, 40), label="l")
     g = data.draw(st.integers(1, 2), label="g")
@@ -1331,11 +1421,37 @@ def test_ssd_equals_token_recurrence(data):
             gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(lengths), max_size=len(lengths)), label="gaps")
             rows.append(_seq_idx_from_lengths(lengths, first=data.draw(st.integers(0, 2), label="first"), gaps=gaps))
         seq_idx = torch.stack(rows).to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="idx dtype"))
+    return chunk, x, dt, A, B, C, D, h0, seq_idx
+
+
+@PROPERTY
+@given(data=st.data())
+def test_ssd_equals_token_recurrence(data):
+    """(a) chunked ssd == the recurrence, for random sizes, chunk lengths, segment layouts, D and h0."""
+    chunk, x, dt, A, B, C, D, h0, seq_idx = _draw_scan_case(data)
+    b, h, p, n = x.shape[0], x.shape[2], x.shape[3], B.shape[-1]
     y, final = ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
     y_ref, final_ref = _recurrence(x, dt, A, B, C, D, h0, seq_idx)
     assert y.dtype == F64 and final.shape == (b, h, p, n)
     assert _rel_err(y, y_ref) < 1e-10
     assert _rel_err(final, final_ref) < 1e-10
+
+
+@PROPERTY
+@given(data=st.data())
+def test_ssd_gradients_equal_token_recurrence_gradients(data):
+    """(a') the scan's hand-written backward == autograd through the recurrence, for the same random cases."""
+    chunk, *inputs, seq_idx = _draw_scan_case(data)
+    leaves = [t.requires_grad_() for t in inputs if t is not None]
+    x, dt, A, B, C, D, h0 = inputs
+    weights = [_randn(*shape, seed=7) for shape in (x.shape, (x.shape[0], x.shape[2], x.shape[3], B.shape[-1]))]
+    grads = []
+    for scan in (lambda: ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True),
+                 lambda: scan_reference(x, dt, A, B, C, D=D, initial_states=h0, seq_idx=seq_idx)):
+        y, final = scan()
+        grads.append(torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), leaves))
+    for got, want in zip(*grads):
+        assert _rel_err(got, want) < 1e-10
 
 
 @PROPERTY
@@ -1692,6 +1808,8 @@ _MODEL_CASES = [
     ("cache_batch", ValueError, "cache"), ("cache_float64", TypeError, "cache"),
     ("cache_layers", TypeError, "cache"), ("cache_second_layer_bad", ValueError, "cache"),
     ("num_last_tokens", ValueError, "num_last_tokens"),
+    ("labels_shape", ValueError, "labels"), ("labels_float", TypeError, "labels"),
+    ("labels_out_of_range", ValueError, "labels"), ("labels_with_num_last_tokens", ValueError, "labels"),
 ]
 
 
@@ -1730,6 +1848,14 @@ def test_model_rejects_bad_inputs_and_leaves_every_layer_cache_untouched(vmodel,
         cache[1] = InferenceCache(cache[1].conv_state, cache[1].ssm_state[:, :, :, :-1].clone())
     elif case == "num_last_tokens":
         kwargs["num_last_tokens"] = -1
+    elif case == "labels_shape":
+        kwargs["labels"] = ids[:, 1:]
+    elif case == "labels_float":
+        kwargs["labels"] = ids.float()
+    elif case == "labels_out_of_range":
+        kwargs["labels"] = ids.clone().index_fill_(1, torch.tensor([3]), -5)   # only -100 means "ignore"
+    elif case == "labels_with_num_last_tokens":
+        kwargs.update(labels=ids, num_last_tokens=1)
     snap = _cache_snapshot(cache)
     with pytest.raises(exc, match=rf"\b{name}\b"):
         with torch.no_grad():
@@ -2335,6 +2461,46 @@ def test_from_pretrained_refuses_malicious_pickle(tmp_path):
 
 
 # ================================================================================================ 2. forward
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk_logits", [1 << 25, 64], ids=["one_chunk", "one_token_chunks"])
+def test_labels_loss_equals_cross_entropy_of_logits(tie, chunk_logits, monkeypatch):
+    """forward(labels=) (the fused loss that never holds the logits) == F.cross_entropy on the returned logits,
+    shifted by one, with -100 ignored: the value and every parameter's gradient, float64."""
+    monkeypatch.setattr(mamba2, "LOSS_CHUNK_LOGITS", chunk_logits)
+    torch.manual_seed(60)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=16, d_state=4, headdim=8, n_layer=2, vocab_size=37,
+                                           chunk_size=4, tie_embeddings=tie), dtype=F64)
+    ids = torch.randint(0, 37, (2, 11), generator=_gen(61))
+    labels = ids.clone()
+    labels[0, 3], labels[1, :4] = -100, -100
+    params = [p for p in model.parameters()]
+    loss = model(ids, labels=labels)
+    got = torch.autograd.grad(loss, params)
+    logits = model(ids)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    want = torch.autograd.grad(ref, params)
+    assert_rel(loss, ref, 1e-13, "loss")
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert_rel(a, b, 1e-11, f"d loss / d {name}")
+    with torch.no_grad():
+        assert_rel(model(ids, labels=labels), ref, 1e-13, "loss without gradients")
+
+
+def test_labels_loss_bfloat16_close_to_float32():
+    torch.manual_seed(62)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=32, d_state=8, headdim=8, n_layer=2, vocab_size=50))
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 33), generator=_gen(63))
+    loss32 = model(ids, labels=ids)
+    loss32.backward()
+    grad32 = model.lm_head.weight.grad
+    loss16 = model16(ids, labels=ids)
+    loss16.backward()
+    assert loss16.dtype == torch.float32                       # the loss is taken in fp32, as transformers does
+    assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
+    assert _norm_rel(model16.lm_head.weight.grad, grad32) < 5e-2
+
 
 def test_num_last_tokens_equals_full_forward():
     model = _lm_model(ngroups=2)
