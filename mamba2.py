@@ -1050,21 +1050,25 @@ LOSS_CHUNK_LOGITS = 1 << 25
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits = hidden @ weightᵀ against targets, chunk by chunk over tokens, never holding
-    the (tokens, vocab) logits: each chunk's softmax becomes its own gradient in place (softmax - one-hot), and
-    the gradients of hidden and weight are accumulated at once, so backward only scales them. Same value and
-    gradients as F.cross_entropy(hidden @ weightᵀ, targets, ignore_index=...), with 3 of its 5 passes over the
-    logits and a fraction of the memory."""
+    """Mean cross-entropy of logits = hidden @ weight[:vocab]ᵀ against targets, chunk by chunk over tokens, never
+    holding the (tokens, vocab) logits: each chunk's softmax becomes its own gradient in place (softmax - one-hot),
+    and the gradients of hidden and weight are accumulated at once, so backward only scales them. Same value and
+    gradients as F.cross_entropy(hidden @ weight[:vocab]ᵀ, targets, ignore_index=...), with 3 of its 5 passes over
+    the logits and a fraction of the memory. Rows of weight past `vocab` (vocabulary padding) get zero gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index):
-        n, vocab = hidden.shape[0], weight.shape[0]
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab):
+        n, full, hidden_dtype = hidden.shape[0], weight, hidden.dtype
         cdt = _compute_dtype(weight.dtype)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):   # the products in the autocast dtype, as lm_head(hidden) would be
+            hidden, weight = hidden.to(torch.get_autocast_dtype(device)), weight.to(torch.get_autocast_dtype(device))
+        weight = weight[:vocab]                                                   # (vocab, d): the real tokens
         valid = targets != ignore_index                                           # (n,)
         scale = 1.0 / valid.sum().to(cdt)                                         # the mean over valid targets
         grads = any(ctx.needs_input_grad[:2])
         dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        dweight = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if ctx.needs_input_grad[1] else None
+        dweight = torch.zeros(full.shape, dtype=cdt, device=full.device) if ctx.needs_input_grad[1] else None
         chunk = max(1, LOSS_CHUNK_LOGITS // vocab)
         buffer = hidden.new_empty(min(chunk, n), vocab)                          # reused by every chunk
         total = hidden.new_zeros((), dtype=cdt)
@@ -1079,11 +1083,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, t.clamp(min=0).unsqueeze(1), -v.to(cdt).unsqueeze(1))
                 g.mul_((v * scale).unsqueeze(1))
                 if dweight is not None:
-                    dweight.addmm_(g.t(), h.to(cdt))
+                    dweight[:vocab].addmm_(g.t(), h.to(cdt))
                 if dhidden is not None:
                     torch.matmul(g.to(weight.dtype), weight, out=dhidden[start:start + chunk])
-        ctx.save_for_backward(dhidden, dweight)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(None if dhidden is None else dhidden.to(hidden_dtype), dweight)
+        ctx.weight_dtype = full.dtype
         return total * scale
 
     @staticmethod
@@ -1092,7 +1096,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden, dweight = ctx.saved_tensors
         dhidden = None if dhidden is None else dhidden * dloss.to(dhidden.dtype)
         dweight = None if dweight is None else (dweight * dloss).to(ctx.weight_dtype)
-        return dhidden, dweight, None, None
+        return dhidden, dweight, None, None, None
 
 
 class Mamba2LMHeadModel(nn.Module):
@@ -1117,8 +1121,9 @@ class Mamba2LMHeadModel(nn.Module):
         """input_ids (b, l) -> logits (b, l or num_last_tokens, padded vocab).
 
         With labels (b, l), returns instead the mean next-token cross-entropy: position t predicts labels[:, t+1]
-        (shifted inside, as in transformers), labels of -100 are ignored. It is computed without materialising the
-        logits (_LinearCrossEntropy), which is faster and far smaller than a loss taken on returned logits."""
+        (shifted inside, as in transformers), labels of -100 are ignored, and the distribution is over the
+        vocab_size real tokens (the vocabulary padding is never a target, nor sampled by generate). It is computed
+        without materialising the logits (_LinearCrossEntropy): faster and far smaller than a loss on logits."""
         if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
         if labels is not None:
@@ -1129,7 +1134,8 @@ class Mamba2LMHeadModel(nn.Module):
         hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)       # (b, l, d_model)
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)                 # (b, l): the next token, or ignored
-            return _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), -100)
+            return _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(), -100,
+                                             self.config.vocab_size)
         if num_last_tokens > 0:
             hidden = hidden[:, -num_last_tokens:]                             # logits only where needed
         return self.lm_head(hidden)                                           # (b, l', padded vocab)

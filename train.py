@@ -47,6 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mamba2 import Mamba2Config, Mamba2LMHeadModel
+
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CKPT_NAME = "ckpt.pt"
@@ -332,10 +334,10 @@ def synthetic_dataset() -> dict:
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
               gen: torch.Generator, device: str):
-    """Sample ``batch_size`` random windows; return ``(inputs, targets)`` as int64."""
+    """Sample ``batch_size`` random windows of ``seq_len + 1`` tokens (int64): each of the first ``seq_len``
+    positions predicts the token after it."""
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
-    rows = torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long()
-    return rows[:, :-1].to(device), rows[:, 1:].to(device)
+    return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long().to(device)
 
 
 def eval_windows(val: torch.Tensor, seq_len: int, max_tokens: int) -> int:
@@ -393,10 +395,12 @@ def logits_of(output) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.logits
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy (float32), ignoring padded vocab entries."""
-    logits = logits_of(model(x))[..., :vocab_size]
-    return F.cross_entropy(logits.float().reshape(-1, vocab_size), y.reshape(-1))
+def lm_loss(model, rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy (float32) over the real vocabulary: rows[:, t] predicts rows[:, t + 1]."""
+    if isinstance(model, Mamba2LMHeadModel):   # the fused loss: never holds the (tokens, vocab) logits
+        return model(rows, labels=rows)
+    logits = logits_of(model(rows[:, :-1]))[..., :vocab_size]
+    return F.cross_entropy(logits.float().reshape(-1, vocab_size), rows[:, 1:].reshape(-1))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -445,7 +449,7 @@ def evaluate(model, val: torch.Tensor, n_windows: int, seq_len: int, batch_size:
         starts = range(i * seq_len, min(n_windows, i + batch_size) * seq_len, seq_len)
         rows = torch.stack([val[s:s + seq_len + 1] for s in starts]).long().to(device)
         with autocast_ctx(device, bf16):
-            loss = lm_loss(model, rows[:, :-1], rows[:, 1:], vocab_size)
+            loss = lm_loss(model, rows, vocab_size)
         total += loss.item() * rows[:, 1:].numel()
         count += rows[:, 1:].numel()
     model.train()
@@ -695,8 +699,6 @@ def parse_train_args(argv=None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> dict:
     """Run training as configured by ``args``; return the log dictionary."""
-    from mamba2 import Mamba2Config, Mamba2LMHeadModel
-
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -779,9 +781,9 @@ def train(args: argparse.Namespace) -> dict:
             group["lr"] = lr
         step_loss = 0.0
         for _ in range(args.grad_accum):
-            x, y = get_batch(train_ids, args.batch_size, args.seq_len, gen, args.device)
+            rows = get_batch(train_ids, args.batch_size, args.seq_len, gen, args.device)
             with autocast_ctx(args.device, args.bf16):
-                loss = lm_loss(model, x, y, V)
+                loss = lm_loss(model, rows, V)
             (loss / args.grad_accum).backward()
             step_loss += loss.item() / args.grad_accum
         if args.grad_clip > 0:
