@@ -1,25 +1,28 @@
 """
 bench.py — what mamba2.py costs, measured against a floor and against transformers, on this machine.
 
-    python bench.py                       # everything, mamba2-130m shapes (minutes; run on a quiet machine)
+    python bench.py                       # everything, mamba2-130m shapes (~15 minutes on 2 cores)
     python bench.py --only block,decode   # some sections
-    python bench.py --quick               # tiny shapes, 1-2 repetitions, < 20 s: a smoke test of this script
+    python bench.py --quick               # tiny shapes, 2 repetitions, < 30 s: a smoke test of this script
     python bench.py --device cuda --dtype bfloat16 --threads 8 --out assets
 
-Every figure is wall-clock time (time.perf_counter) taken in this one run: the median of --reps
-repetitions after warm-up, with torch.set_num_threads(--threads), in --dtype (float32 unless stated),
-batch 1 unless stated. Shapes are those of mamba2-130m: d_model 768, d_state 128, headdim 64, expand 2,
-ngroups 1 (24 heads), 24 layers, vocabulary 50277 (padded to 50288). Weights are random: speed and memory
-do not depend on their values.
+How it measures. Every figure is wall-clock time (time.perf_counter) taken in this one run, after warm-up, with
+torch.set_num_threads(--threads), in --dtype (float32 unless stated), batch 1 unless stated. The candidates of one
+comparison (say ours, the floor and transformers at one length) run *interleaved*: each round runs every
+candidate once, in a fresh random order, for --reps rounds. A time is the median over rounds; a ratio is the
+median over rounds of the two times taken in the same round. On a shared machine whose speed drifts by tens of
+percent from one minute to the next (this project's 2-core VM does), same-round ratios stay put where ratios
+of separately taken medians do not. Shapes are those of mamba2-130m: d_model 768, d_state 128, headdim 64,
+expand 2, ngroups 1 (24 heads), 24 layers, vocabulary 50277 (padded to 50288). Weights are random: speed and
+memory do not depend on their values.
 
 Sections (--only takes their names):
-  block    one Mamba2 block forward (no_grad) at several lengths. Three timings per length:
-           ours; the floor, which is the block's own in_proj and out_proj matrix products alone on inputs
-           of the same length (every implementation must do them, so ours/floor >= 1 and the excess is
-           the cost of conv, scan, norm and glue); and transformers' pure-PyTorch Mamba2Mixer loaded with
-           the same weights (skipped where it would need > 12 GB). "speedup" = transformers time / ours.
-           "scaling" = tokens/s at the longest length / tokens/s at 2048: 1.0 is perfectly linear time,
-           the target is >= 0.85.
+  block    one Mamba2 block forward (no_grad) at several lengths: ours; the floor, which is the block's own in_proj
+           and out_proj matrix products alone on inputs of the same length (every implementation must do them, so
+           ours/floor >= 1 and the excess is the cost of conv, scan, norm and glue); and transformers' pure-PyTorch
+           Mamba2Mixer with the same weights (skipped where it would need > 12 GB). "speedup" = transformers time /
+           ours. "scaling" = tokens/s at the longest length / tokens/s at 2048, both timed in the same rounds
+           (1.0 is perfectly linear; the target is >= 0.85).
   memory   peak memory of one block forward vs length. On CPU each point runs in a fresh subprocess
            (python bench.py --_memory_point ...) and reports the growth of the peak resident set size
            during the forward: the high-water mark after minus before, the mark first reset through
@@ -28,35 +31,39 @@ Sections (--only takes their names):
            ru_maxrss of a subprocess also carries its parent's peak (see peak_rss_kib); ru_maxrss is the
            fallback where /proc is missing. On CUDA: torch.cuda.max_memory_allocated minus what was
            allocated before the forward.
-  decode   the 24-layer language model, one token per step through the inference cache, at batch 1
-           and 8. The floor is the same matrix-vector products alone (in_proj and out_proj of every
-           layer plus the LM head). Then end-to-end greedy generation, ours generate() vs transformers'
-           Mamba2ForCausalLM.generate() with the same weights (tokens/s, both including their prefill),
-           and the step time after contexts of growing length (a recurrent model: it should be flat).
-  train    forward + backward (cross-entropy on random tokens) of a 4-layer LM at 2048 tokens, ours
-           with use_mem_eff_path True (conv, scan and norm recomputed in backward) and False, and
-           transformers' Mamba2ForCausalLM in train mode. Memory: bytes of the tensors saved for
-           backward (unique storages, parameters excluded, via torch.autograd.graph.saved_tensors_hooks)
-           and the peak RSS growth of a step in a subprocess (CPU) or peak CUDA memory.
-  bf16     block forward at 2048 and the decode step with bfloat16 weights and inputs vs float32.
-  compile  torch.compile(block) vs eager at 2048: max abs difference, time, compile time, and the
-           number of graph breaks torch._dynamo.explain finds.
-  chunk    block forward at 2048 over a grid of chunk lengths (mamba2.CHUNK_LEN_CAP and chunk_size) and
-           sequence block lengths (mamba2.SEQ_BLOCK_LEN), the defaults marked with *.
+  decode   the 24-layer language model, one token per step through the inference cache, at batch 1 and 8. The
+           floor is the same matrix-vector products alone (in_proj and out_proj of every layer plus the LM head);
+           "floor + state" adds one read and one write of every layer's SSM state, which any recurrent step must
+           do and which the floor leaves out. Then end-to-end greedy generation, ours generate() vs transformers'
+           Mamba2ForCausalLM.generate() with the same weights (tokens/s, both including their prefill), and the
+           step time after contexts of growing length (a recurrent model: it should be flat).
+  train    forward + backward of a 4-layer LM at 2048 tokens through each library's training call,
+           model(ids, labels=ids): ours with use_mem_eff_path True (each block recomputed in backward) and
+           False, and transformers' Mamba2ForCausalLM; ours also with the loss taken on returned logits. Then
+           the 4 Mamba-2 layers alone (backbone forward + backward, no embedding lookup or LM head). Memory: bytes
+           of the tensors saved for backward (unique storages, parameters excluded, via
+           torch.autograd.graph.saved_tensors_hooks) and the peak RSS growth of a step in a subprocess (CPU) or
+           peak CUDA memory.
+  bf16     block forward at 2048, the decode step and the training step in bfloat16 (weights and inputs, or
+           autocast for training) against float32, same rounds.
+  compile  torch.compile(block) vs eager at 2048: max abs difference, time, compile time, and the number of graph
+           breaks torch._dynamo.explain finds.
+  chunk    block forward at 2048 over a grid of chunk lengths (mamba2.CHUNK_LEN_CAP and chunk_size) and sequence
+           block lengths (mamba2.SEQ_BLOCK_LEN), the defaults marked with *.
 
-Reading the ratios: "x floor" above 1 is time spent outside the two big matrix products (lower is
-better, 1.0 is the best any implementation can do); "speedup" and "vs transformers" above 1 mean ours is
-faster; "mem-eff/plain" below 1 means the memory-efficient path saves memory (and its time ratio, usually
-a bit above 1, is the price of recomputation).
+Reading the ratios: "x floor" above 1 is time spent outside the big matrix products (lower is better, 1.0 is the
+best any implementation can do); "speedup" and "vs transformers" above 1 mean ours is faster; "mem-eff/plain"
+below 1 means the memory-efficient path saves memory (and its time ratio, usually a bit above 1, is the price of
+recomputation).
 
-Outputs (under --out): throughput.png, memory.png, decode_latency.png, bench.json (every raw time),
-bench.md (the summary table printed at the end, ready to paste into README).
+Outputs (under --out): throughput.png, memory.png, decode_latency.png, bench.json (every raw time), bench.md (the
+summary table printed at the end, ready to paste into README).
 
---quick checks that every section runs, not what it measures: d_model 64, lengths up to 2048, 2
-repetitions, 1 thread (2 threads on a busy 2-core machine can be 100x slower from OpenMP contention),
-torch.compile with backend "eager" (inductor's C++ build alone takes longer than the whole run), each
-section's memory points measured in one subprocess rather than one each, and transformers left out of
-the memory subprocesses (importing it costs seconds). Give it --out elsewhere to keep real results.
+--quick checks that every section runs, not what it measures: d_model 64, lengths up to 2048, 2 repetitions, 1
+thread (2 threads on a busy 2-core machine can be 100x slower from OpenMP contention), torch.compile with backend
+"eager" (inductor's C++ build alone takes longer than the whole run), each section's memory points measured in one
+subprocess rather than one each, and transformers left out of the memory subprocesses (importing it costs
+seconds). Give it --out elsewhere to keep real results.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import re
 import resource
 import statistics
@@ -191,17 +199,36 @@ def sync(device: torch.device):
 def measure(fn, reps: int, device: torch.device, warmup: int = 1, inner: int = 1) -> dict:
     """Median wall time of fn() in seconds over `reps` samples after `warmup` calls; each sample is the
     mean of `inner` consecutive calls (for calls too short to time one by one)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
+    return interleave({"fn": fn}, reps, device, warmup, {"fn": inner})["fn"]
+
+
+def interleave(fns: dict, reps: int, device: torch.device, warmup: int = 1, inner: dict = None) -> dict:
+    """Time several candidates under the same conditions: each of `reps` rounds runs every candidate once (the
+    mean of inner[name] calls), in a fresh random order. Returns {name: {"median_s", "times_s", "inner"}};
+    see `ratio` for comparing two of them."""
+    inner = inner or {}
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-        sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    return {"median_s": statistics.median(times), "times_s": times, "inner": inner}
+    times = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            n = inner.get(name, 1)
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(n):
+                fns[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / n)
+    return {name: {"median_s": statistics.median(t), "times_s": t, "inner": inner.get(name, 1)}
+            for name, t in times.items()}
+
+
+def ratio(a: dict, b: dict) -> float:
+    """Median over rounds of a's time / b's time in the same round (two results of one `interleave` call)."""
+    return statistics.median(x / y for x, y in zip(a["times_s"], b["times_s"]))
 
 
 def ms(t: dict) -> float:
@@ -285,6 +312,9 @@ class Bench:
     def time(self, fn, warmup=1, inner=1) -> dict:
         return measure(fn, self.reps, self.device, warmup, inner)
 
+    def interleave(self, fns: dict, warmup=1, inner=None, reps=None) -> dict:
+        return interleave(fns, reps or self.reps, self.device, warmup, inner)
+
     def randn(self, *shape, dtype=None):
         return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype)
 
@@ -316,6 +346,7 @@ def bench_block(B: Bench):
         hf, hf_error = None, err_text(e)
     rows, points = [], []
     lengths = S.block_lengths + [S.long_length]
+    scaling = None
     with torch.no_grad():
         diff = None
         if hf is not None:           # same weights, so the same output up to rounding
@@ -324,42 +355,53 @@ def bench_block(B: Bench):
         for L in lengths:
             u = B.randn(1, L, S.d_model)
             y = B.randn(1, L, S.d_inner)
-            ours = B.time(lambda: block(u))
-            floor = B.time(lambda: (F.linear(u, w_in), F.linear(y, w_out)))
-            theirs, note = None, None
+            fns = {"floor": lambda: (F.linear(u, w_in), F.linear(y, w_out)), "ours": lambda: block(u)}
+            inner = {}
+            note = None
             if L == S.long_length:
                 note = "ours only"
+                u_ref = B.randn(1, S.ref_length, S.d_model)
+                fns["ours at ref"] = lambda: block(u_ref)          # the same number of tokens, same rounds
+                inner["ours at ref"] = L // S.ref_length
             elif hf is None:
                 note = f"transformers unavailable: {hf_error}"
             elif hf_block_bytes(L, S, B.dtype.itemsize) > HF_LIMIT_BYTES:
                 note = f"transformers skipped: needs > {HF_LIMIT_BYTES / 1e9:.0f} GB"
             else:
-                try:
-                    theirs = B.time(lambda: hf(u))
-                except (MemoryError, RuntimeError) as e:
-                    note = f"transformers failed: {err_text(e, 120)}"
+                fns["transformers"] = lambda: hf(u)
+            try:
+                res = B.interleave(fns, inner=inner)
+            except (MemoryError, RuntimeError) as e:
+                if "transformers" not in fns:
+                    raise
+                note = f"transformers failed: {err_text(e, 120)}"
+                fns.pop("transformers")
+                res = B.interleave(fns, inner=inner)
+            ours, floor, theirs = res["ours"], res["floor"], res.get("transformers")
+            if "ours at ref" in res:   # tokens/s at L over tokens/s at ref (times are per call), same rounds
+                scaling = ratio(res["ours at ref"], ours) * L / S.ref_length
             del u, y
             p = {"length": L, "ours": ours, "floor": floor, "transformers": theirs, "note": note,
                  "ours_tokens_per_s": L / ours["median_s"], "floor_tokens_per_s": L / floor["median_s"],
                  "transformers_tokens_per_s": L / theirs["median_s"] if theirs else None,
-                 "ours_over_floor": ours["median_s"] / floor["median_s"],
-                 "speedup_vs_transformers": theirs["median_s"] / ours["median_s"] if theirs else None}
+                 "ours_over_floor": ratio(ours, floor),
+                 "speedup_vs_transformers": ratio(theirs, ours) if theirs else None}
             points.append(p)
             rows.append([L, ms(ours), p["ours_tokens_per_s"], ms(floor), p["ours_over_floor"],
                          ms(theirs) if theirs else None, p["speedup_vs_transformers"]])
     by_len = {p["length"]: p for p in points}
-    scaling = by_len[S.long_length]["ours_tokens_per_s"] / by_len[S.ref_length]["ours_tokens_per_s"]
     B.results["block"] = {"points": points, "scaling_long_vs_ref": scaling, "max_abs_diff_vs_transformers": diff,
                           "long_length": S.long_length, "ref_length": S.ref_length}
-    print_table("block forward (no_grad)", ["length", "ours ms", "ours tok/s", "floor ms", "x floor",
-                                            "transformers ms", "speedup"], rows)
+    print_table("block forward (no_grad); ratios are medians of same-round ratios",
+                ["length", "ours ms", "ours tok/s", "floor ms", "x floor", "transformers ms", "speedup"], rows)
     print(f"  scaling: tokens/s at {S.long_length} / at {S.ref_length} = {scaling:.2f} (linear = 1, target >= 0.85)")
     if diff is not None:
         print(f"  max |ours - transformers| at {S.ref_length}: {diff:.2e} (same weights)")
     ref = by_len[S.ref_length]
     B.add("block", f"forward at {S.ref_length} tokens",
           f"{ms(ref['ours']):.1f} ms ({ref['ours_tokens_per_s']:,.0f} tok/s)")
-    B.add("block", f"ours / floor (in_proj + out_proj alone) at {S.ref_length}", f"{ref['ours_over_floor']:.2f}x")
+    for p in points:
+        B.add("block", f"ours / floor (in_proj + out_proj alone) at {p['length']}", f"{p['ours_over_floor']:.2f}x")
     for p in points:
         if p["speedup_vs_transformers"]:
             B.add("block", f"speedup vs transformers at {p['length']}", f"{p['speedup_vs_transformers']:.2f}x")
@@ -572,27 +614,33 @@ def plot_memory(B: Bench, points: list):
 
 # ====================================================================================== 3. decode
 
-def step_timer(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
-    """Prefill `context` tokens into a fresh cache, then time single-token steps."""
+def decode_step(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
+    """A function taking one decoding step after a `context`-token prefill into a fresh cache."""
     cache = model.allocate_inference_cache(batch)
     model(B.ids(batch, context), cache=cache, num_last_tokens=1)
     token = B.ids(batch, 1)
-    return B.time(lambda: model(token, cache=cache), warmup=3, inner=B.S.step_inner)
+    return lambda: model(token, cache=cache)
 
 
-def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int) -> dict:
-    """The decode step's unavoidable work: every layer's in_proj and out_proj on one token, plus the LM head."""
+def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int, with_state: bool = False):
+    """The decode step's unavoidable work: every layer's in_proj and out_proj on one token, plus the LM head;
+    with_state, also one read and one write of every layer's SSM state (an in-place scaling), the least any
+    recurrent step must move."""
     S = B.S
     x_in, x_out = B.randn(batch, 1, S.d_model), B.randn(batch, 1, S.d_inner)
     weights = [(l.mixer.in_proj.weight, l.mixer.out_proj.weight) for l in model.backbone.layers]
     head = model.lm_head.weight
+    states = [B.randn(batch, S.nheads, S.headdim, S.d_state) if with_state else None for _ in weights]
+    decay = torch.full((batch, S.nheads, 1, 1), 0.999, device=B.device, dtype=B.dtype)
 
     def run():
-        for w_in, w_out in weights:
+        for (w_in, w_out), state in zip(weights, states):
             F.linear(x_in, w_in)
+            if state is not None:
+                state.mul_(decay)
             F.linear(x_out, w_out)
         F.linear(x_in, head)
-    return B.time(run, warmup=3, inner=B.S.step_inner)
+    return run
 
 
 def bench_decode(B: Bench):
@@ -602,44 +650,46 @@ def bench_decode(B: Bench):
     rows = []
     with torch.inference_mode():
         for b in S.decode_batches:
-            step = step_timer(B, model, b, S.prompt_len)
-            floor = matvec_floor(B, model, b)
-            p = {"batch": b, "step": step, "floor": floor, "step_over_floor": step["median_s"] / floor["median_s"],
-                 "tokens_per_s": b / step["median_s"]}
+            t = B.interleave({"step": decode_step(B, model, b, S.prompt_len), "floor": matvec_floor(B, model, b),
+                              "floor + state": matvec_floor(B, model, b, with_state=True)},
+                             warmup=3, inner={k: S.step_inner for k in ("step", "floor", "floor + state")})
+            p = {"batch": b, "step": t["step"], "floor": t["floor"], "floor_with_state": t["floor + state"],
+                 "step_over_floor": ratio(t["step"], t["floor"]),
+                 "step_over_floor_with_state": ratio(t["step"], t["floor + state"]),
+                 "tokens_per_s": b / t["step"]["median_s"]}
             res["steps"].append(p)
-            rows.append([b, ms(step), p["tokens_per_s"], ms(floor), p["step_over_floor"]])
-            B.add("decode", f"step, batch {b}", f"{ms(step):.2f} ms = {p['step_over_floor']:.2f}x floor "
+            rows.append([b, ms(p["step"]), p["tokens_per_s"], ms(p["floor"]), p["step_over_floor"],
+                         ms(p["floor_with_state"]), p["step_over_floor_with_state"]])
+            B.add("decode", f"step, batch {b}", f"{ms(p['step']):.2f} ms = {p['step_over_floor']:.2f}x floor, "
+                                                 f"{p['step_over_floor_with_state']:.2f}x floor + state "
                                                  f"({p['tokens_per_s']:,.0f} tok/s)")
         print_table(f"decode step ({S.n_layer} layers, after a {S.prompt_len}-token prompt)",
-                    ["batch", "step ms", "tok/s", "floor ms", "x floor"], rows)
+                    ["batch", "step ms", "tok/s", "floor ms", "x floor", "floor+state ms", "x floor+state"], rows)
 
         # end-to-end greedy generation, ours vs transformers, batch 1, same weights and prompt
         ids = B.ids(1, S.prompt_len)
         N = S.new_tokens
         gen = {"prompt_len": S.prompt_len, "new_tokens": N}
-        ours_out = {}
-
-        def ours_generate():
-            ours_out["tokens"] = model.generate(ids, max_new_tokens=N)
-        gen["ours"] = B.time(ours_generate)
-        gen["ours_tokens_per_s"] = N / gen["ours"]["median_s"]
+        out = {}
+        fns = {"ours": lambda: out.__setitem__("ours", model.generate(ids, max_new_tokens=N))}
         try:
             hf = hf_lm(model, S, S.n_layer).eval()
-            hf_out = {}
             mask = torch.ones_like(ids)
-
-            def hf_generate():
-                hf_out["tokens"] = hf.generate(ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N,
-                                               do_sample=False, pad_token_id=0)
-            gen["transformers"] = B.time(hf_generate)
-            gen["transformers_tokens_per_s"] = N / gen["transformers"]["median_s"]
-            gen["speedup_vs_transformers"] = gen["transformers"]["median_s"] / gen["ours"]["median_s"]
-            # a check that both hold the same weights; ours picks among the vocab_size real tokens only,
-            # transformers among all padded_vocab_size rows, so a rare argmax in the padding can differ
-            gen["same_tokens"] = bool(torch.equal(hf_out["tokens"].cpu(), ours_out["tokens"].cpu()))
-            del hf
+            fns["transformers"] = lambda: out.__setitem__("transformers", hf.generate(
+                ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0))
         except Exception as e:
             gen["transformers_error"] = err_text(e)
+        t = B.interleave(fns)
+        gen["ours"] = t["ours"]
+        gen["ours_tokens_per_s"] = N / t["ours"]["median_s"]
+        if "transformers" in t:
+            gen["transformers"] = t["transformers"]
+            gen["transformers_tokens_per_s"] = N / t["transformers"]["median_s"]
+            gen["speedup_vs_transformers"] = ratio(t["transformers"], t["ours"])
+            # a check that both hold the same weights; ours picks among the vocab_size real tokens only,
+            # transformers among all padded_vocab_size rows, so a rare argmax in the padding can differ
+            gen["same_tokens"] = bool(torch.equal(out["transformers"].cpu(), out["ours"].cpu()))
+            del hf
         res["generate"] = gen
         print_table(f"generate(): {S.prompt_len}-token prompt + {N} new tokens, greedy, batch 1",
                     ["", "ms", "new tok/s", "speedup", "same tokens"],
@@ -653,16 +703,13 @@ def bench_decode(B: Bench):
             f"({gen['speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
 
         # step latency after contexts of growing length (should be flat: the state has a fixed size)
-        rows = []
-        for ctx in S.contexts:
-            t = step_timer(B, model, 1, ctx)
-            res["contexts"].append({"context": ctx, "step": t})
-            rows.append([ctx, ms(t)])
-        print_table("decode step vs context (batch 1)", ["context", "step ms"], rows)
-        steps = [ms(c["step"]) for c in res["contexts"]]
-        res["context_spread"] = max(steps) / min(steps)
-        B.add("decode", f"step at context {S.contexts[-1]} / at {S.contexts[0]}",
-              f"{res['contexts'][-1]['step']['median_s'] / res['contexts'][0]['step']['median_s']:.2f}")
+        t = B.interleave({ctx: decode_step(B, model, 1, ctx) for ctx in S.contexts}, warmup=3,
+                         inner={ctx: S.step_inner for ctx in S.contexts})
+        res["contexts"] = [{"context": ctx, "step": t[ctx]} for ctx in S.contexts]
+        print_table("decode step vs context (batch 1)", ["context", "step ms"], [[c, ms(t[c])] for c in S.contexts])
+        res["context_spread"] = max(ms(t[c]) for c in S.contexts) / min(ms(t[c]) for c in S.contexts)
+        first, last = S.contexts[0], S.contexts[-1]
+        B.add("decode", f"step at context {last} / at {first}", f"{ratio(t[last], t[first]):.2f}")
     B.results["decode"] = res
     plot_decode(B, res)
 
@@ -674,8 +721,10 @@ def plot_decode(B: Bench, res: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     ctx = [c["context"] for c in res["contexts"]]
     ax.plot(ctx, [ms(c["step"]) for c in res["contexts"]], "o-", label="mamba2.py step (batch 1)")
-    floor = next(p["floor"] for p in res["steps"] if p["batch"] == 1)
-    ax.axhline(ms(floor), color="k", ls="--", alpha=0.5, label="floor: matrix-vector products only")
+    one = next(p for p in res["steps"] if p["batch"] == 1)
+    ax.axhline(ms(one["floor"]), color="k", ls="--", alpha=0.5, label="floor: matrix-vector products only")
+    ax.axhline(ms(one["floor_with_state"]), color="k", ls=":", alpha=0.7,
+               label="floor + one read and write of each SSM state")
     length_axis(ax, ctx, "tokens already in context")
     ax.set_ylim(bottom=0)
     ax.set_ylabel("ms per generated token")
@@ -689,9 +738,23 @@ def plot_decode(B: Bench, res: dict):
 
 # ======================================================================================= 4. train
 
-def train_step(model, ids: torch.Tensor):
-    """Forward + backward of next-token cross-entropy; returns the loss."""
-    loss = lm_loss(model, ids)
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy through the library's own training call, model(ids, labels=ids): ours and
+    transformers' both shift the labels inside."""
+    out = model(ids, labels=ids)
+    return out if isinstance(out, torch.Tensor) else out.loss
+
+
+def logits_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """The same loss taken on returned logits: what a loss written outside the model costs."""
+    out = model(ids)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def train_step(model, ids: torch.Tensor, loss_fn=lm_loss):
+    """Forward + backward of the next-token cross-entropy; returns the loss."""
+    loss = loss_fn(model, ids)
     loss.backward()
     return loss.detach()
 
@@ -716,32 +779,47 @@ def saved_for_backward_bytes(loss_fn, module) -> int:
     return sum(seen.values())
 
 
-def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(ids)
-    logits = out if isinstance(out, torch.Tensor) else out.logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
 def bench_train(B: Bench):
     S = B.S
     L, n = S.train_len, S.train_layers
     ids = B.ids(1, L)
     res = {"length": L, "layers": n, "runs": {}}
-    models = {}
-    for name, eff in (("ours mem-eff", True), ("ours plain", False)):
-        models[name] = B.lm(n, use_mem_eff_path=eff).train()
+    models = {"ours mem-eff": B.lm(n, use_mem_eff_path=True).train(), "ours plain": B.lm(n, use_mem_eff_path=False).train()}
     try:
         models["transformers"] = hf_lm(models["ours mem-eff"], S, n).train()
     except Exception as e:
         res["transformers_error"] = err_text(e)
-    for name, model in models.items():
-        def step(model=model):
-            train_step(model, ids)
+    with torch.no_grad():   # same weights, so the same loss (transformers normalises over the padded vocabulary)
+        res["loss"] = {name: lm_loss(model, ids).item() for name, model in models.items()}
+
+    def step(model, loss_fn=lm_loss):
+        def run():
+            train_step(model, ids, loss_fn)
             model.zero_grad(set_to_none=True)
-        t = B.time(step)
-        res["runs"][name] = {"step": t, "tokens_per_s": L / t["median_s"],
+        return run
+    fns = {name: step(model) for name, model in models.items()}
+    fns["ours mem-eff, loss on logits"] = step(models["ours mem-eff"], logits_loss)
+    t = B.interleave(fns)
+    for name, model in models.items():
+        res["runs"][name] = {"step": t[name], "tokens_per_s": L / t[name]["median_s"],
                              "saved_mb": saved_for_backward_bytes(lambda: lm_loss(model, ids), model) / 2**20}
-    # the same for one block alone: the LM head's logits (L x vocab) do not dilute the difference
+    res["runs"]["ours mem-eff, loss on logits"] = {
+        "step": t["ours mem-eff, loss on logits"], "tokens_per_s": L / t["ours mem-eff, loss on logits"]["median_s"],
+        "saved_mb": saved_for_backward_bytes(lambda: logits_loss(models["ours mem-eff"], ids),
+                                             models["ours mem-eff"]) / 2**20}
+    # the Mamba-2 layers alone: backbone forward + backward, without the embedding lookup's and LM head's share
+    if "transformers" in models:
+        def backbone_step(backbone):
+            def run():
+                out = backbone(ids)
+                (out if isinstance(out, torch.Tensor) else out.last_hidden_state).square().mean().backward()
+                backbone.zero_grad(set_to_none=True)
+            return run
+        tb = B.interleave({"ours": backbone_step(models["ours mem-eff"].backbone),
+                           "transformers": backbone_step(models["transformers"].backbone)})
+        res["backbone"] = {"ours": tb["ours"], "transformers": tb["transformers"],
+                           "speedup_vs_transformers": ratio(tb["transformers"], tb["ours"])}
+    # the same for one block alone: the LM head does not dilute the difference
     u = B.randn(1, L, S.d_model)
     res["block_saved_mb"] = {}
     for name, eff in (("ours mem-eff", True), ("ours plain", False)):
@@ -759,37 +837,42 @@ def bench_train(B: Bench):
     for p in run_memory_points(B, specs):
         res["runs"][p["name"]]["peak"] = p
     for name in res["runs"]:
-        res["runs"][name].setdefault("peak", {"peak_mb": None, "error": "skipped with --quick"})
+        res["runs"][name].setdefault("peak", {"peak_mb": None, "error": "not measured"})
     del models
     runs = res["runs"]
     eff, plain = runs["ours mem-eff"], runs["ours plain"]
     res["mem_eff_over_plain"] = {
-        "time": eff["step"]["median_s"] / plain["step"]["median_s"],
+        "time": ratio(t["ours mem-eff"], t["ours plain"]),
         "saved_bytes": eff["saved_mb"] / plain["saved_mb"],
         "block_saved_bytes": res["block_saved_mb"]["ours mem-eff"] / res["block_saved_mb"]["ours plain"],
         "peak": (eff["peak"]["peak_mb"] / plain["peak"]["peak_mb"]
                  if eff["peak"].get("peak_mb") is not None and plain["peak"].get("peak_mb") else None)}
     if "transformers" in runs:
-        res["speedup_vs_transformers"] = runs["transformers"]["step"]["median_s"] / eff["step"]["median_s"]
-        res["speedup_plain_vs_transformers"] = runs["transformers"]["step"]["median_s"] / plain["step"]["median_s"]
+        res["speedup_vs_transformers"] = ratio(t["transformers"], t["ours mem-eff"])
+        res["speedup_plain_vs_transformers"] = ratio(t["transformers"], t["ours plain"])
     B.results["train"] = res
     rows = [[name, ms(r["step"]), r["tokens_per_s"], r["saved_mb"], mb_or_error(r["peak"])]
             for name, r in runs.items()]
-    print_table(f"training step, {n} layers, {L} tokens, batch 1", ["", "ms", "tok/s", "saved-for-backward MB",
-                                                                   "peak growth MB"], rows)
+    print_table(f"training step, {n} layers, {L} tokens, batch 1, model(ids, labels=ids)",
+                ["", "ms", "tok/s", "saved-for-backward MB", "peak growth MB"], rows)
+    print("  losses (same weights): " + ", ".join(f"{k} {v:.6f}" for k, v in res["loss"].items()))
     print("  saved for backward by one block alone, MB: " + ", ".join(
         f"{name} {mb:.1f}" for name, mb in res["block_saved_mb"].items()))
-    ratio = res["mem_eff_over_plain"]
-    print(f"  mem-eff / plain: time {ratio['time']:.2f}, saved tensors {ratio['saved_bytes']:.2f} "
-          f"(one block alone {ratio['block_saved_bytes']:.2f}), peak RSS {fmt(ratio['peak'])}")
+    r = res["mem_eff_over_plain"]
+    print(f"  mem-eff / plain: time {r['time']:.2f}, saved tensors {r['saved_bytes']:.2f} "
+          f"(one block alone {r['block_saved_bytes']:.2f}), peak RSS {fmt(r['peak'])}")
     if "speedup_vs_transformers" in res:
-        print(f"  ours (mem-eff) vs transformers throughput: {res['speedup_vs_transformers']:.2f}x")
+        print(f"  throughput vs transformers: mem-eff {res['speedup_vs_transformers']:.2f}x, "
+              f"plain {res['speedup_plain_vs_transformers']:.2f}x; the {n} Mamba-2 layers alone (backbone "
+              f"forward + backward) {res['backbone']['speedup_vs_transformers']:.2f}x")
     B.add("train", f"step, {n} layers x {L} tokens (mem-eff)",
           f"{ms(eff['step']):.0f} ms ({eff['tokens_per_s']:,.0f} tok/s)")
     if "speedup_vs_transformers" in res:
-        B.add("train", "throughput vs transformers", f"{res['speedup_vs_transformers']:.2f}x")
-    B.add("train", "mem-eff / plain: saved tensors (LM; one block), peak RSS, time",
-          f"{ratio['saved_bytes']:.2f}; {ratio['block_saved_bytes']:.2f}, {fmt(ratio['peak'], 2)}, {ratio['time']:.2f}")
+        B.add("train", "throughput vs transformers: LM step mem-eff, plain; the layers alone",
+              f"{res['speedup_vs_transformers']:.2f}x, {res['speedup_plain_vs_transformers']:.2f}x; "
+              f"{res['backbone']['speedup_vs_transformers']:.2f}x")
+    B.add("train", "mem-eff / plain: peak RSS, time; saved tensors (LM; one block)",
+          f"{fmt(r['peak'], 2)}, {r['time']:.2f}; {r['saved_bytes']:.2f}; {r['block_saved_bytes']:.2f}")
 
 
 # ======================================================================================== 5. bf16
@@ -803,22 +886,40 @@ def bench_bf16(B: Bench):
         block16 = copy.deepcopy(block32).to(torch.bfloat16)
         u = B.randn(1, L, S.d_model, dtype=torch.float32)
         u16 = u.to(torch.bfloat16)
-        t32, t16 = B.time(lambda: block32(u)), B.time(lambda: block16(u16))
+        t = B.interleave({"fp32": lambda: block32(u), "bf16": lambda: block16(u16)})
         diff = (block16(u16).float() - block32(u)).abs().max().item() / block32(u).abs().max().item()
-        res["block"] = {"length": L, "fp32": t32, "bf16": t16, "bf16_over_fp32": t16["median_s"] / t32["median_s"],
+        res["block"] = {"length": L, "fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"]),
                         "max_rel_diff": diff}
     with torch.inference_mode():
         lm32 = B.lm(S.n_layer).float()
         lm16 = copy.deepcopy(lm32).to(torch.bfloat16)
-        s32, s16 = step_timer(B, lm32, 1, S.prompt_len), step_timer(B, lm16, 1, S.prompt_len)
-        res["decode_step"] = {"fp32": s32, "bf16": s16, "bf16_over_fp32": s16["median_s"] / s32["median_s"]}
+        t = B.interleave({"fp32": decode_step(B, lm32, 1, S.prompt_len), "bf16": decode_step(B, lm16, 1, S.prompt_len)},
+                         warmup=3, inner={"fp32": S.step_inner, "bf16": S.step_inner})
+        res["decode_step"] = {"fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"])}
+        del lm16
+    model = B.lm(S.train_layers, use_mem_eff_path=True).float().train()
+    ids = B.ids(1, S.train_len)
+
+    def step(autocast: bool):
+        def run():
+            with torch.autocast(B.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = lm_loss(model, ids)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        return run
+    t = B.interleave({"fp32": step(False), "bf16": step(True)})
+    res["train_step_autocast"] = {"fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"])}
     B.results["bf16"] = res
-    rows = [[f"block forward at {L}", ms(t32), ms(t16), res["block"]["bf16_over_fp32"]],
-            [f"decode step ({S.n_layer} layers, batch 1)", ms(s32), ms(s16), res["decode_step"]["bf16_over_fp32"]]]
-    print_table("bfloat16 vs float32", ["", "fp32 ms", "bf16 ms", "bf16/fp32"], rows)
+    rows = [[f"block forward at {L}", ms(res["block"]["fp32"]), ms(res["block"]["bf16"]), res["block"]["bf16_over_fp32"]],
+            [f"decode step ({S.n_layer} layers, batch 1)", ms(res["decode_step"]["fp32"]), ms(res["decode_step"]["bf16"]),
+             res["decode_step"]["bf16_over_fp32"]],
+            [f"training step ({S.train_layers} layers x {S.train_len}, autocast)", ms(res["train_step_autocast"]["fp32"]),
+             ms(res["train_step_autocast"]["bf16"]), res["train_step_autocast"]["bf16_over_fp32"]]]
+    print_table("bfloat16 vs float32 (same rounds)", ["", "fp32 ms", "bf16 ms", "bf16/fp32"], rows)
     print(f"  block output, bf16 vs fp32: max relative difference {diff:.1e}")
-    B.add("bf16", f"bf16/fp32 time: block at {L}, decode step",
-          f"{res['block']['bf16_over_fp32']:.2f}, {res['decode_step']['bf16_over_fp32']:.2f}")
+    B.add("bf16", f"bf16/fp32 time: block at {L}, decode step, training step (autocast)",
+          f"{res['block']['bf16_over_fp32']:.2f}, {res['decode_step']['bf16_over_fp32']:.2f}, "
+          f"{res['train_step_autocast']['bf16_over_fp32']:.2f}")
 
 
 # ===================================================================================== 6. compile
@@ -834,8 +935,6 @@ def bench_compile(B: Bench):
     u = B.randn(1, L, S.d_model)
     res = {"length": L, "backend": backend}
     with torch.no_grad():
-        eager = B.time(lambda: block(u))
-        res["eager"] = eager
         try:
             dynamo = importlib.import_module("torch._dynamo")
             if not B.args.quick:
@@ -858,8 +957,9 @@ def bench_compile(B: Bench):
             res["compile_s"] = time.perf_counter() - start
             res.setdefault("graph_break_count", sum(counters["graph_break"].values()))
             res["max_abs_diff"] = (y - block(u)).abs().max().item()
-            res["compiled"] = B.time(lambda: compiled(u))
-            res["compiled_over_eager"] = res["compiled"]["median_s"] / eager["median_s"]
+            t = B.interleave({"eager": lambda: block(u), "compiled": lambda: compiled(u)})
+            res["eager"], res["compiled"] = t["eager"], t["compiled"]
+            res["compiled_over_eager"] = ratio(t["compiled"], t["eager"])
         except Exception as e:      # e.g. inductor without a C++ compiler
             res["compile_error"] = err_text(e, 600)
     B.results["compile"] = res
@@ -869,7 +969,7 @@ def bench_compile(B: Bench):
     else:
         print_table(f"torch.compile(block, backend={backend!r}) at {L}",
                     ["eager ms", "compiled ms", "compiled/eager", "max |diff|", "compile s", "graph breaks"],
-                    [[ms(eager), ms(res["compiled"]), res["compiled_over_eager"], f"{res['max_abs_diff']:.1e}",
+                    [[ms(res["eager"]), ms(res["compiled"]), res["compiled_over_eager"], f"{res['max_abs_diff']:.1e}",
                       res["compile_s"], res.get("graph_break_count", res.get("explain_error"))]])
         B.add("compile", f"compiled ({backend}) / eager time at {L}; graph breaks; max abs diff",
               f"{res['compiled_over_eager']:.2f}; {res.get('graph_break_count', '?')}; {res['max_abs_diff']:.0e}")
@@ -888,18 +988,21 @@ def bench_chunk(B: Bench):
     saved = (dict(mamba2.CHUNK_LEN_CAP), dict(mamba2.SEQ_BLOCK_LEN))
     block = B.block()
     u = B.randn(1, L, S.d_model)
-    grid = []
+
+    def setting(q, blk):
+        def run():
+            mamba2.CHUNK_LEN_CAP[kind] = q
+            block.config.chunk_size = q
+            mamba2.SEQ_BLOCK_LEN[kind] = blk
+            block(u)
+        return run
     try:
         with torch.no_grad():
-            for q in S.chunk_sizes:
-                mamba2.CHUNK_LEN_CAP[kind] = q
-                block.config.chunk_size = q
-                for blk in S.seq_blocks:
-                    mamba2.SEQ_BLOCK_LEN[kind] = blk
-                    grid.append({"chunk": q, "seq_block": blk, "time": B.time(lambda: block(u))})
+            t = B.interleave({(q, blk): setting(q, blk) for q in S.chunk_sizes for blk in S.seq_blocks})
     finally:   # module-level knobs: put them back whatever happened
         mamba2.CHUNK_LEN_CAP.clear(); mamba2.CHUNK_LEN_CAP.update(saved[0])
         mamba2.SEQ_BLOCK_LEN.clear(); mamba2.SEQ_BLOCK_LEN.update(saved[1])
+    grid = [{"chunk": q, "seq_block": blk, "time": t[q, blk]} for q, blk in t]
     best = min(grid, key=lambda g: g["time"]["median_s"])
     B.results["chunk"] = {"length": L, "grid": grid, "default_chunk": default_q, "default_seq_block": default_blk,
                           "best": {"chunk": best["chunk"], "seq_block": best["seq_block"]}}
@@ -911,7 +1014,7 @@ def bench_chunk(B: Bench):
     print(f"  fastest: chunk {best['chunk']}, seq block {best['seq_block']} ({ms(best['time']):.1f} ms)")
     default = next((g for g in grid if (g["chunk"], g["seq_block"]) == (default_q, default_blk)), None)
     B.add("chunk", f"default (chunk {default_q}, seq block {default_blk}) / fastest in grid",
-          f"{default['time']['median_s'] / best['time']['median_s']:.2f} "
+          f"{ratio(default['time'], best['time']):.2f} "
           f"(fastest: {best['chunk']}, {best['seq_block']})"
           if default else "default not in grid")
     md = ["| chunk \\ seq block | " + " | ".join(str(b) for b in S.seq_blocks) + " |",
