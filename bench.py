@@ -118,7 +118,7 @@ class Shapes:
     train_layers: int = 4
     train_len: int = 2048
     chunk_sizes: list = field(default_factory=lambda: [32, 64, 128, 256])
-    seq_blocks: list = field(default_factory=lambda: [128, 256, 512, 2048])
+    seq_blocks: list = field(default_factory=lambda: [256, 512, 1024, 2048])
     step_inner: int = 10                   # decode steps averaged into one timing sample
 
     @property
