@@ -9,7 +9,8 @@ bench.py — what mamba2.py costs, measured against a floor and against transfor
 How it measures. Every figure is wall-clock time (time.perf_counter) taken in this one run, after warm-up, with
 torch.set_num_threads(--threads), in --dtype (float32 unless stated), batch 1 unless stated. The candidates of one
 comparison (say ours, the floor and transformers at one length) run *interleaved*: each round runs every
-candidate once, in a fresh random order, for --reps rounds. A time is the median over rounds; a ratio is the
+candidate once, in a fresh random order, for --reps rounds (three times as many for comparisons whose round
+takes well under a second). A time is the median over rounds; a ratio is the
 median over rounds of the two times taken in the same round. On a shared machine whose speed drifts by tens of
 percent from one minute to the next (this project's 2-core VM does), same-round ratios stay put where ratios
 of separately taken medians do not. Shapes are those of mamba2-130m: d_model 768, d_state 128, headdim 64,
@@ -312,8 +313,10 @@ class Bench:
     def time(self, fn, warmup=1, inner=1) -> dict:
         return measure(fn, self.reps, self.device, warmup, inner)
 
-    def interleave(self, fns: dict, warmup=1, inner=None, reps=None) -> dict:
-        return interleave(fns, reps or self.reps, self.device, warmup, inner)
+    def interleave(self, fns: dict, warmup=1, inner=None, cheap=False) -> dict:
+        """`reps` rounds, or three times as many for a comparison whose round takes well under a second (the
+        noise of a shared machine is averaged out at little cost)."""
+        return interleave(fns, self.reps * (3 if cheap else 1), self.device, warmup, inner)
 
     def randn(self, *shape, dtype=None):
         return torch.randn(*shape, device=self.device, dtype=dtype or self.dtype)
@@ -370,13 +373,13 @@ def bench_block(B: Bench):
             else:
                 fns["transformers"] = lambda: hf(u)
             try:
-                res = B.interleave(fns, inner=inner)
+                res = B.interleave(fns, inner=inner, cheap=L <= S.ref_length)
             except (MemoryError, RuntimeError) as e:
                 if "transformers" not in fns:
                     raise
                 note = f"transformers failed: {err_text(e, 120)}"
                 fns.pop("transformers")
-                res = B.interleave(fns, inner=inner)
+                res = B.interleave(fns, inner=inner, cheap=L <= S.ref_length)
             ours, floor, theirs = res["ours"], res["floor"], res.get("transformers")
             if "ours at ref" in res:   # tokens/s at L over tokens/s at ref (times are per call), same rounds
                 scaling = ratio(res["ours at ref"], ours) * L / S.ref_length
@@ -652,7 +655,8 @@ def bench_decode(B: Bench):
         for b in S.decode_batches:
             t = B.interleave({"step": decode_step(B, model, b, S.prompt_len), "floor": matvec_floor(B, model, b),
                               "floor + state": matvec_floor(B, model, b, with_state=True)},
-                             warmup=3, inner={k: S.step_inner for k in ("step", "floor", "floor + state")})
+                             warmup=3, inner={k: S.step_inner for k in ("step", "floor", "floor + state")},
+                             cheap=True)
             p = {"batch": b, "step": t["step"], "floor": t["floor"], "floor_with_state": t["floor + state"],
                  "step_over_floor": ratio(t["step"], t["floor"]),
                  "step_over_floor_with_state": ratio(t["step"], t["floor + state"]),
@@ -704,7 +708,7 @@ def bench_decode(B: Bench):
 
         # step latency after contexts of growing length (should be flat: the state has a fixed size)
         t = B.interleave({ctx: decode_step(B, model, 1, ctx) for ctx in S.contexts}, warmup=3,
-                         inner={ctx: S.step_inner for ctx in S.contexts})
+                         inner={ctx: S.step_inner for ctx in S.contexts}, cheap=True)
         res["contexts"] = [{"context": ctx, "step": t[ctx]} for ctx in S.contexts]
         print_table("decode step vs context (batch 1)", ["context", "step ms"], [[c, ms(t[c])] for c in S.contexts])
         res["context_spread"] = max(ms(t[c]) for c in S.contexts) / min(ms(t[c]) for c in S.contexts)
@@ -886,7 +890,7 @@ def bench_bf16(B: Bench):
         block16 = copy.deepcopy(block32).to(torch.bfloat16)
         u = B.randn(1, L, S.d_model, dtype=torch.float32)
         u16 = u.to(torch.bfloat16)
-        t = B.interleave({"fp32": lambda: block32(u), "bf16": lambda: block16(u16)})
+        t = B.interleave({"fp32": lambda: block32(u), "bf16": lambda: block16(u16)}, cheap=True)
         diff = (block16(u16).float() - block32(u)).abs().max().item() / block32(u).abs().max().item()
         res["block"] = {"length": L, "fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"]),
                         "max_rel_diff": diff}
@@ -894,7 +898,7 @@ def bench_bf16(B: Bench):
         lm32 = B.lm(S.n_layer).float()
         lm16 = copy.deepcopy(lm32).to(torch.bfloat16)
         t = B.interleave({"fp32": decode_step(B, lm32, 1, S.prompt_len), "bf16": decode_step(B, lm16, 1, S.prompt_len)},
-                         warmup=3, inner={"fp32": S.step_inner, "bf16": S.step_inner})
+                         warmup=3, inner={"fp32": S.step_inner, "bf16": S.step_inner}, cheap=True)
         res["decode_step"] = {"fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"])}
         del lm16
     model = B.lm(S.train_layers, use_mem_eff_path=True).float().train()
@@ -957,7 +961,7 @@ def bench_compile(B: Bench):
             res["compile_s"] = time.perf_counter() - start
             res.setdefault("graph_break_count", sum(counters["graph_break"].values()))
             res["max_abs_diff"] = (y - block(u)).abs().max().item()
-            t = B.interleave({"eager": lambda: block(u), "compiled": lambda: compiled(u)})
+            t = B.interleave({"eager": lambda: block(u), "compiled": lambda: compiled(u)}, cheap=True)
             res["eager"], res["compiled"] = t["eager"], t["compiled"]
             res["compiled_over_eager"] = ratio(t["compiled"], t["eager"])
         except Exception as e:      # e.g. inductor without a C++ compiler
@@ -1052,7 +1056,8 @@ def parse_args(argv=None):
     ap.add_argument("--only", default=None, help=f"comma-separated sections: {','.join(SECTIONS)}")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads (default 2; 1 with --quick, which is then immune to a busy machine)")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per figure (default 5; 2 with --quick)")
+    ap.add_argument("--reps", type=int, default=None,
+                    help="timed rounds per comparison, 3x as many for quick ones (default 5; 2 with --quick)")
     ap.add_argument("--out", default="assets", help="folder for the plots, bench.json and bench.md")
     ap.add_argument("--_memory_point", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
