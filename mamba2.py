@@ -320,7 +320,9 @@ class _Chunks:
         from_start = self.cs.exp()
         total = self.cs[:, :, -1].exp()
         if self.to_end is not None:
-            to_end.mul_(self.to_end), from_start.mul_(self.from_start), total.mul_(self.carry)
+            to_end.mul_(self.to_end)
+            from_start.mul_(self.from_start)
+            total.mul_(self.carry)
         return to_end, from_start, total
 
     def unchunk(self, t: torch.Tensor) -> torch.Tensor:
