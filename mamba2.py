@@ -271,12 +271,12 @@ class _Chunks:
                 seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(b, pad)], dim=1)
         c = (l + pad) // q
         self.b, self.l, self.c, self.q, self.h, self.p, self.g, self.r, self.n = b, l, c, q, h, p, g, h // g, n
-        self.x = x.view(b, c, q, h, p)
-        self.dt = dt.view(b, c, q, h)
+        self.x = rearrange(x, "b (c q) h p -> b c q h p", q=q)
+        self.dt = rearrange(dt, "b (c q) h -> b c q h", q=q)
         self.xdt = self.x * self.dt[..., None]                                   # (b, c, q, h, p)
         self.cs = (self.dt * A).cumsum_(2)                                       # (b, c, q, h) cumulative dt*A
-        self.B = B.view(b, c, q, g, n).transpose(2, 3)                           # (b, c, g, q, n)
-        self.C = C.view(b, c, q, g, n).transpose(2, 3)                           # (b, c, g, q, n)
+        self.B = rearrange(B, "b (c q) g n -> b c g q n", q=q)                   # views, no copies
+        self.C = rearrange(C, "b (c q) g n -> b c g q n", q=q)
         # Segments (paper: a packed batch is one block-diagonal M). Inside a chunk, token i sees token j only
         # within one segment; a chunk's end state collects only its last segment; the carried state reaches
         # only tokens of the segment it came from, and is dropped across a chunk whose segment changes.
@@ -310,7 +310,7 @@ class _Chunks:
         Above the diagonal cs_i - cs_j >= 0 could overflow exp: it is clamped to 0 there (L = 1), and the masked
         C Bᵀ it is multiplied with zeroes it. Masking the cheap per-group C Bᵀ instead of the per-head L saves a
         pass over L, and exp never sees -inf (slow on CPU)."""
-        cs = self.cs.transpose(2, 3).contiguous()     # (b, c, h, q): makes L head-major, as the products need
+        cs = rearrange(self.cs, "b c q h -> b c h q").contiguous()   # makes L head-major, as the products need
         return torch.sub(cs[..., :, None], cs[..., None, :]).clamp_(max=0).exp_()
 
     def decays(self):
@@ -327,7 +327,7 @@ class _Chunks:
 
     def unchunk(self, t: torch.Tensor) -> torch.Tensor:
         """(b, c, q, ...) -> (b, l, ...): drop the padding."""
-        return t.reshape(self.b, self.c * self.q, *t.shape[3:])[:, :self.l]
+        return rearrange(t, "b c q ... -> b (c q) ...")[:, :self.l]
 
 
 def _ssd_forward(ch: _Chunks, D, initial_states, states=None):
