@@ -197,12 +197,6 @@ def sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn, reps: int, device: torch.device, warmup: int = 1, inner: int = 1) -> dict:
-    """Median wall time of fn() in seconds over `reps` samples after `warmup` calls; each sample is the
-    mean of `inner` consecutive calls (for calls too short to time one by one)."""
-    return interleave({"fn": fn}, reps, device, warmup, {"fn": inner})["fn"]
-
-
 def interleave(fns: dict, reps: int, device: torch.device, warmup: int = 1, inner: dict = None) -> dict:
     """Time several candidates under the same conditions: each of `reps` rounds runs every candidate once (the
     mean of inner[name] calls), in a fresh random order. Returns {name: {"median_s", "times_s", "inner"}};
@@ -309,9 +303,6 @@ class Bench:
         self.results: dict = {}
         self.summary: list = []          # (section, what, value) rows of the final markdown table
         self.extra_md: list = []         # further markdown blocks (the chunk grid)
-
-    def time(self, fn, warmup=1, inner=1) -> dict:
-        return measure(fn, self.reps, self.device, warmup, inner)
 
     def interleave(self, fns: dict, warmup=1, inner=None, cheap=False) -> dict:
         """`reps` rounds, or three times as many for a comparison whose round takes well under a second (the
@@ -788,7 +779,8 @@ def bench_train(B: Bench):
     L, n = S.train_len, S.train_layers
     ids = B.ids(1, L)
     res = {"length": L, "layers": n, "runs": {}}
-    models = {"ours mem-eff": B.lm(n, use_mem_eff_path=True).train(), "ours plain": B.lm(n, use_mem_eff_path=False).train()}
+    models = {"ours mem-eff": B.lm(n, use_mem_eff_path=True).train(),
+              "ours plain": B.lm(n, use_mem_eff_path=False).train()}
     try:
         models["transformers"] = hf_lm(models["ours mem-eff"], S, n).train()
     except Exception as e:
@@ -892,8 +884,8 @@ def bench_bf16(B: Bench):
         u16 = u.to(torch.bfloat16)
         t = B.interleave({"fp32": lambda: block32(u), "bf16": lambda: block16(u16)}, cheap=True)
         diff = (block16(u16).float() - block32(u)).abs().max().item() / block32(u).abs().max().item()
-        res["block"] = {"length": L, "fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"]),
-                        "max_rel_diff": diff}
+        res["block"] = {"length": L, "fp32": t["fp32"], "bf16": t["bf16"],
+                        "bf16_over_fp32": ratio(t["bf16"], t["fp32"]), "max_rel_diff": diff}
     with torch.inference_mode():
         lm32 = B.lm(S.n_layer).float()
         lm16 = copy.deepcopy(lm32).to(torch.bfloat16)
@@ -914,11 +906,9 @@ def bench_bf16(B: Bench):
     t = B.interleave({"fp32": step(False), "bf16": step(True)})
     res["train_step_autocast"] = {"fp32": t["fp32"], "bf16": t["bf16"], "bf16_over_fp32": ratio(t["bf16"], t["fp32"])}
     B.results["bf16"] = res
-    rows = [[f"block forward at {L}", ms(res["block"]["fp32"]), ms(res["block"]["bf16"]), res["block"]["bf16_over_fp32"]],
-            [f"decode step ({S.n_layer} layers, batch 1)", ms(res["decode_step"]["fp32"]), ms(res["decode_step"]["bf16"]),
-             res["decode_step"]["bf16_over_fp32"]],
-            [f"training step ({S.train_layers} layers x {S.train_len}, autocast)", ms(res["train_step_autocast"]["fp32"]),
-             ms(res["train_step_autocast"]["bf16"]), res["train_step_autocast"]["bf16_over_fp32"]]]
+    labels = {"block": f"block forward at {L}", "decode_step": f"decode step ({S.n_layer} layers, batch 1)",
+              "train_step_autocast": f"training step ({S.train_layers} layers x {S.train_len}, autocast)"}
+    rows = [[label, ms(res[k]["fp32"]), ms(res[k]["bf16"]), res[k]["bf16_over_fp32"]] for k, label in labels.items()]
     print_table("bfloat16 vs float32 (same rounds)", ["", "fp32 ms", "bf16 ms", "bf16/fp32"], rows)
     print(f"  block output, bf16 vs fp32: max relative difference {diff:.1e}")
     B.add("bf16", f"bf16/fp32 time: block at {L}, decode step, training step (autocast)",

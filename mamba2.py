@@ -1126,7 +1126,8 @@ class Mamba2LMHeadModel(nn.Module):
         With labels (b, l), returns instead the mean next-token cross-entropy: position t predicts labels[:, t+1]
         (shifted inside, as in transformers), labels of -100 are ignored, and the distribution is over the
         vocab_size real tokens (the vocabulary padding is never a target, nor sampled by generate). It is computed
-        without materialising the logits (_LinearCrossEntropy): faster and far smaller than a loss on logits."""
+        without materialising the logits (_LinearCrossEntropy): a fraction of the memory of a loss taken on returned
+        logits, at about the same speed."""
         if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
         if labels is not None:
