@@ -194,6 +194,12 @@ def _block_config(config=None, **kwargs) -> Mamba2Config:
 
 # =================================================================================== 2. functional core
 
+def _recording(*tensors) -> bool:
+    """Whether autograd records an operation on these tensors (None allowed). Where it does not, the functions
+    below work in place on their own temporaries and on caches; where it does, they build new tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                   seq_idx: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None):
     """Depthwise causal convolution over time, optionally continuing from a state and respecting segments.
@@ -240,7 +246,7 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     y = torch.linalg.vecdot(window, weight[:, 0].to(state.dtype))                  # (b, d)
     if bias is not None:
         y = y.add_(bias)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or state.requires_grad)):
+    if not _recording(x, weight, state):
         window = state.copy_(window)
     return y.to(x.dtype), window
 
@@ -325,6 +331,10 @@ class _Chunks:
             total.mul_(self.carry)
         return to_end, from_start, total
 
+    def inputs_to_end(self, to_end: torch.Tensor) -> torch.Tensor:
+        """(x dt)_j exp(cs_end - cs_j), what each token leaves in the chunk's end state, grouped: (b, c, g, q, r*p)."""
+        return self.grouped(self.xdt * to_end[..., None])
+
     def unchunk(self, t: torch.Tensor) -> torch.Tensor:
         """(b, c, q, ...) -> (b, l, ...): drop the padding."""
         return rearrange(t, "b c q ... -> b (c q) ...")[:, :self.l]
@@ -338,7 +348,7 @@ def _ssd_forward(ch: _Chunks, D, initial_states, states=None):
     scores = ch.decay_matrix()                                                  # (b, c, h, q, q)
     scores.view(b, c, g, r, q, q).mul_(ch.masked_CB().unsqueeze(3))           # C Bᵀ broadcast to its r heads
     to_end, from_start, total = ch.decays()
-    xw = ch.grouped(ch.xdt * to_end[..., None])                                 # (b, c, g, q, r*p)
+    xw = ch.inputs_to_end(to_end)                                               # (b, c, g, q, r*p)
     state = ch.x.new_zeros(b, h, p, n) if initial_states is None else initial_states.clone()
     y = ch.x.new_empty(b, c, q, h, p)
     # Across chunks, a linear recurrence on the state at chunk boundaries. One chunk at a time keeps the state
@@ -391,7 +401,7 @@ def _ssd_backward(ch: _Chunks, A, D, dy, dfinal, states):
     dlog_to_end = (dxw * ch.xdt).sum(-1).mul_(to_end)                              # (b, c, q, h)
     dcs -= dlog_to_end
     dcs[:, :, -1] += dlog_to_end.sum(2)
-    dB = ch.grouped(ch.xdt * to_end[..., None]) @ Gg                              # (b, c, g, q, n)
+    dB = ch.inputs_to_end(to_end) @ Gg                                            # (b, c, g, q, n)
 
     # Inside chunks: y_t += sum_j P[t, j] (x dt)_j with P = C Bᵀ ∘ L.
     L = ch.decay_matrix()                                                         # (b, c, h, q, q)
@@ -490,7 +500,7 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     xdt = (x * dt.unsqueeze(-1)).to(cdt).view(b * g, r * p, 1)                   # dt x
     # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies of B or C.
     Bg, Cg = B.to(cdt).reshape(b * g, 1, n), C.to(cdt).reshape(b * g, n, 1)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, B, C, state)):
+    if _recording(x, dt, A, B, C, state):
         s = torch.baddbmm((state.view(b * g, r, p, n) * decay).view(b * g, r * p, n), xdt, Bg)
         new_state = s.view(b, h, p, n)
     else:
@@ -535,7 +545,7 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
     norm_before_gate=True: norm(x) * silu(z); False: norm(x * silu(z)). Statistics in fp32.
     """
     group_size = group_size or x.shape[-1]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, z, weight)):
+    if _recording(x, z, weight):
         return _GatedRMSNorm.apply(x, z, weight, eps, group_size, norm_before_gate)
     return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)[0]
 
@@ -681,7 +691,7 @@ def _split_conv_scan_block(zxbcdt, initial_states, seq_idx, conv_state, ssm_stat
         xBC = xBC.unsqueeze(1)                                                # (b, 1, conv_dim)
     else:
         xBC, conv_state = causal_conv1d(xBC, conv1d_weight, conv1d_bias, seq_idx, conv_state)  # (b, l, conv_dim)
-    xBC = F.silu(xBC, inplace=not (torch.is_grad_enabled() and xBC.requires_grad))   # in place on our own output
+    xBC = F.silu(xBC, inplace=not _recording(xBC))                           # in place on our own output
     x, B, C = xBC.split_with_sizes([d_ssm, ngroups * d_state, ngroups * d_state], -1)
     dt = discretize_dt(dt, dt_bias, dt_limit)                                # (b, l, h) fp32
     if D is not None and D.dim() == 1 and D.shape[0] == d_ssm:               # D_has_hdim
@@ -878,9 +888,9 @@ class Mamba2(nn.Module):
         else:
             # The memory-efficient path keeps only each sequence block's input u and recomputes the block (in_proj,
             # conv, scan, norm, out_proj) in backward: same function, no second copy of the math.
-            recording = torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters()))
-            y, state, _ = _split_conv_scan(u, initial_states=initial_states, seq_idx=seq_idx,
-                                           checkpoint=self.config.use_mem_eff_path and recording, **args)
+            checkpoint = self.config.use_mem_eff_path and _recording(u, *self.parameters())
+            y, state, _ = _split_conv_scan(u, initial_states=initial_states, seq_idx=seq_idx, checkpoint=checkpoint,
+                                           **args)
         return (y, state) if return_final_states else y
 
     def _check_inputs(self, u, seq_idx, cu_seqlens, initial_states, cache):
