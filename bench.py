@@ -50,7 +50,7 @@ Sections (--only takes their names):
   compile  torch.compile(block) vs eager at 2048: max abs difference, time, compile time, and the number of graph
            breaks torch._dynamo.explain finds.
   chunk    block forward at 2048 over a grid of chunk lengths (mamba2.CHUNK_LEN_CAP and chunk_size) and sequence
-           block lengths (mamba2.SEQ_BLOCK_LEN), the defaults marked with *.
+           block lengths (mamba2.SPAN_LEN), the defaults marked with *.
 
 Reading the ratios: "x floor" above 1 is time spent outside the big matrix products (lower is better, 1.0 is the
 best any implementation can do); "speedup" and "vs transformers" above 1 mean ours is faster; "mem-eff/plain"
@@ -978,8 +978,8 @@ def bench_chunk(B: Bench):
     L = S.ref_length
     kind = B.device.type
     default_q = mamba2.CHUNK_LEN_CAP.get(kind, 256)
-    default_blk = mamba2.SEQ_BLOCK_LEN.get(kind, L)
-    saved = (dict(mamba2.CHUNK_LEN_CAP), dict(mamba2.SEQ_BLOCK_LEN))
+    default_blk = mamba2.SPAN_LEN.get(kind, L)
+    saved = (dict(mamba2.CHUNK_LEN_CAP), dict(mamba2.SPAN_LEN))
     block = B.block()
     u = B.randn(1, L, S.d_model)
 
@@ -987,7 +987,7 @@ def bench_chunk(B: Bench):
         def run():
             mamba2.CHUNK_LEN_CAP[kind] = q
             block.config.chunk_size = q
-            mamba2.SEQ_BLOCK_LEN[kind] = blk
+            mamba2.SPAN_LEN[kind] = blk
             block(u)
         return run
     try:
@@ -995,7 +995,7 @@ def bench_chunk(B: Bench):
             t = B.interleave({(q, blk): setting(q, blk) for q in S.chunk_sizes for blk in S.seq_blocks})
     finally:   # module-level knobs: put them back whatever happened
         mamba2.CHUNK_LEN_CAP.clear(); mamba2.CHUNK_LEN_CAP.update(saved[0])
-        mamba2.SEQ_BLOCK_LEN.clear(); mamba2.SEQ_BLOCK_LEN.update(saved[1])
+        mamba2.SPAN_LEN.clear(); mamba2.SPAN_LEN.update(saved[1])
     grid = [{"chunk": q, "seq_block": blk, "time": t[q, blk]} for q, blk in t]
     best = min(grid, key=lambda g: g["time"]["median_s"])
     B.results["chunk"] = {"length": L, "grid": grid, "default_chunk": default_q, "default_seq_block": default_blk,

@@ -412,9 +412,9 @@ def test_conv_step_equals_convolution_and_updates_in_place(bias):
 
 
 def test_cache_long_prefill_then_steps():
-    """A cached prompt longer than one CPU processing block (SEQ_BLOCK_LEN), then single-token steps."""
+    """A cached prompt longer than one CPU processing block (SPAN_LEN), then single-token steps."""
     block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16, ngroups=2)
-    l = mamba2.SEQ_BLOCK_LEN.get("cpu", 256) + 40
+    l = mamba2.SPAN_LEN.get("cpu", 256) + 40
     u = rand(2, l, 4, seed=47)
     with torch.no_grad():
         whole, whole_state = block(u, return_final_states=True)
@@ -533,10 +533,10 @@ def test_cache_pieces_with_seq_idx_match_packed_whole():
 
 
 def test_seq_idx_across_long_input_blocks(monkeypatch):
-    """On CPU a long input runs in blocks of SEQ_BLOCK_LEN tokens: segments that start exactly at a block
+    """On CPU a long input runs in blocks of SPAN_LEN tokens: segments that start exactly at a block
     boundary or cross one must still be isolated, and the result must not depend on the block length."""
     block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16)
-    block_len = mamba2.SEQ_BLOCK_LEN.get("cpu", 256)
+    block_len = mamba2.SPAN_LEN.get("cpu", 256)
     l = block_len + 44
     row0 = ids_from_lengths([100, block_len - 100, 44])            # a segment starts exactly at the boundary
     row1 = ids_from_lengths([block_len - 6, 10, 40])               # a segment crosses it
@@ -548,7 +548,7 @@ def test_seq_idx_across_long_input_blocks(monkeypatch):
     with torch.no_grad():
         default = block(u, seq_idx=seq_idx, return_final_states=True)
         plain = block(u, return_final_states=True)
-        monkeypatch.setattr(mamba2, "SEQ_BLOCK_LEN", {})          # one pass over the whole sequence
+        monkeypatch.setattr(mamba2, "SPAN_LEN", {})          # one pass over the whole sequence
         single = block(u, seq_idx=seq_idx, return_final_states=True)
         single_plain = block(u, return_final_states=True)
     for a, b_, what in ((default, single, "seq_idx"), (plain, single_plain, "no seq_idx")):
@@ -727,7 +727,7 @@ def test_mem_eff_path_same_outputs_and_gradients():
     cfg = dict(ngroups=2, d_ssm=8, learnable_init_states=True, bias=True)
     plain, eff = make_block(use_mem_eff_path=False, **cfg), make_block(use_mem_eff_path=True, **cfg)
     eff.load_state_dict(plain.state_dict())
-    l = mamba2.SEQ_BLOCK_LEN.get("cpu", 256) + 20        # long enough to run in more than one block on CPU
+    l = mamba2.SPAN_LEN.get("cpu", 256) + 20        # long enough to run in more than one block on CPU
     u = rand(2, l, 8, seed=22)
     seq_idx = torch.tensor([ids_from_lengths([l - 30, 30]), ids_from_lengths([10, l - 10])])
     results = []
@@ -849,7 +849,7 @@ def test_ssd_memory_grows_linearly():
 
 
 def test_block_memory_grows_linearly_in_one_pass(monkeypatch):
-    monkeypatch.setattr(mamba2, "SEQ_BLOCK_LEN", {})     # no blocking on CPU: the scan sees the whole input
+    monkeypatch.setattr(mamba2, "SPAN_LEN", {})     # no blocking on CPU: the scan sees the whole input
     block = make_block(dtype=torch.float32, d_model=4, d_state=2, headdim=2, chunk_size=4, seed=29)
     sizes = {}
     for l in (1024, 4096):
@@ -1235,15 +1235,15 @@ def _norm_rel(actual, expected) -> float:
 @contextlib.contextmanager
 def _seq_block_len(n: int):
     """Temporarily process long inputs in blocks of n tokens on the CPU (always restored)."""
-    old = mamba2.SEQ_BLOCK_LEN.get("cpu")
-    mamba2.SEQ_BLOCK_LEN["cpu"] = n
+    old = mamba2.SPAN_LEN.get("cpu")
+    mamba2.SPAN_LEN["cpu"] = n
     try:
         yield
     finally:
         if old is None:
-            mamba2.SEQ_BLOCK_LEN.pop("cpu", None)
+            mamba2.SPAN_LEN.pop("cpu", None)
         else:
-            mamba2.SEQ_BLOCK_LEN["cpu"] = old
+            mamba2.SPAN_LEN["cpu"] = old
 
 
 def _seq_idx_from_lengths(lengths, first=0, gaps=None) -> torch.Tensor:
@@ -1462,11 +1462,11 @@ def test_block_pieces_through_cache_equal_whole(cfg, data):
     l = data.draw(st.integers(1, 40), label="l")
     b = data.draw(st.integers(1, 2), label="b")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    block_len = data.draw(_BLOCK_LENS, label="SEQ_BLOCK_LEN")
+    block_len = data.draw(_BLOCK_LENS, label="SPAN_LEN")
     cuts = _draw_cuts(data, l, 8, "pieces")
     block = _block(seed=seed, **cfg)
     u = _randn(b, l, cfg["d_model"], seed=seed + 1)
-    default_block_len = mamba2.SEQ_BLOCK_LEN.get("cpu")
+    default_block_len = mamba2.SPAN_LEN.get("cpu")
     with torch.no_grad():
         with _seq_block_len(256):
             y_whole, s_whole = block(u, return_final_states=True)
@@ -1477,7 +1477,7 @@ def test_block_pieces_through_cache_equal_whole(cfg, data):
             cache = block.allocate_inference_cache(b)
             points = [0] + cuts + [l]
             pieces = [block(u[:, s:e], cache=cache) for s, e in zip(points[:-1], points[1:])]
-    assert mamba2.SEQ_BLOCK_LEN.get("cpu") == default_block_len      # the module setting was restored
+    assert mamba2.SPAN_LEN.get("cpu") == default_block_len      # the module setting was restored
     # the whole forward itself is right (the recurrence) and independent of the block length
     y_ref, s_ref = _reference_block(block, u)
     assert _rel_err(y_whole, y_ref) < 1e-10 and _rel_err(s_whole, s_ref) < 1e-10
@@ -1495,7 +1495,7 @@ def test_block_packed_equals_separate_runs(cfg, data):
     l = data.draw(st.integers(1, 40), label="l")
     b = data.draw(st.integers(1, 2), label="b")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    block_len = data.draw(_BLOCK_LENS, label="SEQ_BLOCK_LEN")
+    block_len = data.draw(_BLOCK_LENS, label="SPAN_LEN")
     with_h0 = data.draw(st.booleans(), label="h0")
     block = _block(seed=seed, **cfg)
     c = block.config
