@@ -2,12 +2,12 @@
 
     python demo_features.py
 
-Runs in a few seconds on a CPU. Every "ok" below is an assertion: the script exits non-zero if one fails.
+Runs in a few seconds on a CPU. Every "ok" below is an assertion: the script exits non-zero if one
+fails.
 """
 
 import torch
 
-import mamba2
 from mamba2 import InferenceCache, Mamba2, Mamba2Config, ssd
 
 torch.manual_seed(0)
@@ -28,7 +28,8 @@ def small(**kw) -> Mamba2:
 print("1. A layer, official keywords (only the import differs from mamba_ssm's README)")
 layer = Mamba2(d_model=64, d_state=16, d_conv=4, expand=2, headdim=16)
 y = layer(torch.randn(2, 100, 64))
-print(f"  ok  (2, 100, 64) -> {tuple(y.shape)}, {sum(p.numel() for p in layer.parameters())} parameters")
+n_params = sum(p.numel() for p in layer.parameters())
+print(f"  ok  (2, 100, 64) -> {tuple(y.shape)}, {n_params} parameters")
 
 print("2. Any length: the chunk size only tiles the work")
 block, u = small(ngroups=2), torch.randn(2, 53, 32, dtype=DT)
@@ -67,7 +68,8 @@ lengths = [7, 1, 30, 15]
 seqs = [torch.randn(1, n, 32, dtype=DT) for n in lengths]
 alone = torch.cat([block(s) for s in seqs], 1)
 cu_seqlens = torch.tensor([0, 7, 8, 38, 53])
-check("cu_seqlens packing == each sequence alone", block(torch.cat(seqs, 1), cu_seqlens=cu_seqlens), alone)
+check("cu_seqlens packing == each sequence alone",
+      block(torch.cat(seqs, 1), cu_seqlens=cu_seqlens), alone)
 seq_idx = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))[None]
 check("seq_idx packing == each sequence alone", block(torch.cat(seqs, 1), seq_idx=seq_idx), alone)
 
