@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 import os
 import pickle
 import re
@@ -268,11 +269,84 @@ def _check_tensor(name: str, t, shape: Sequence, *, floating: Optional[bool] = N
 
 
 def _check_seq_idx(seq_idx, b: int, l: int, device) -> torch.Tensor:
-    _check_tensor("seq_idx", seq_idx, (b, l), floating=False, device=device)
+    _check_tensor("seq_idx", seq_idx, (b, l), floating=False, device=device,
+                  dtypes=(torch.int32, torch.int64))
     if l > 1 and (seq_idx.diff(dim=1) < 0).any():
         raise ValueError("seq_idx must be non-decreasing along the sequence "
                          "(one segment id per packed sequence)")
     return seq_idx
+
+
+def _check_int(name: str, value, minimum: int = 1):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_dt_limit(dt_limit):
+    ok = isinstance(dt_limit, (tuple, list)) and len(dt_limit) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit)
+    if not ok:
+        raise TypeError(f"dt_limit must be a pair of numbers (low, high), got {dt_limit!r}")
+    if not 0 <= dt_limit[0] < dt_limit[1]:
+        raise ValueError(f"dt_limit must satisfy 0 <= low < high, got {dt_limit!r}")
+
+
+def _check_conv_weight(weight, d: int, device) -> torch.Tensor:
+    """The depthwise taps as (d, 1, w); (d, w) is accepted too (the official kernels' layout)."""
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        weight = weight.unsqueeze(1)
+    _check_tensor("weight", weight, (d, 1, None), floating=True, device=device)
+    if weight.shape[-1] < 1:
+        raise ValueError(f"weight must have at least one tap, got shape {tuple(weight.shape)}")
+    return weight
+
+
+def _check_scan_inputs(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+    """ssd's inputs: x (b, l, h, p), B and C (b, l, g, n), every size consistent, nothing left
+    to broadcast."""
+    _check_tensor("x", x, (None, None, None, None), floating=True)
+    b, l, h, p = x.shape
+    if l < 1 or b < 1 or h < 1 or p < 1:
+        raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)}")
+    _check_tensor("B", B, (b, l, None, None), floating=True, device=x.device)
+    _check_step_sizes(x, dt, A, B, C, D)
+    n = B.shape[-1]
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (b, h, p, n), floating=True,
+                      device=x.device)
+    if seq_idx is not None:
+        _check_seq_idx(seq_idx, b, l, x.device)
+    _check_int("chunk_size", chunk_size)
+
+
+def _check_step_sizes(x, dt, A, B, C, D):
+    """dt, A, C and D against x (b, [l,] h, p) and B (b, [l,] g, n), for ssd and ssd_step."""
+    lead, (h, p) = tuple(x.shape[:-2]), x.shape[-2:]
+    g, n = B.shape[-2:]
+    _check_tensor("dt", dt, (*lead, h), floating=True, device=x.device)
+    _check_tensor("A", A, (h,), floating=True, device=x.device)
+    _check_tensor("C", C, tuple(B.shape), floating=True, device=x.device)
+    if g < 1 or n < 1 or h % g:
+        raise ValueError(f"B and C must hold g >= 1 groups dividing the h = {h} heads of x and "
+                         f"n >= 1 states, got shape {tuple(B.shape)}")
+    if D is not None:
+        if not isinstance(D, torch.Tensor):
+            raise TypeError(f"D must be a torch.Tensor or None, got {type(D).__name__}")
+        _check_tensor("D", D, (h,) if D.dim() <= 1 else (h, p), floating=True, device=x.device)
+
+
+def _check_writable(name: str, t: torch.Tensor):
+    """A state about to be updated in place: its own contiguous storage, writable here."""
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} was made under torch.inference_mode() and cannot be updated "
+                         f"outside it: allocate it outside inference mode")
+    if t.requires_grad:
+        raise ValueError(f"{name} requires grad; a state updated in place must not")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (an expanded or strided view cannot be "
+                         f"updated in place), got shape {tuple(t.shape)} with strides {t.stride()}")
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tensor:
@@ -310,12 +384,26 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
                   seq_idx: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None):
     """Depthwise causal convolution over time, optionally continuing from a state, by segments.
 
-    x: (b, l, d) channels last; weight: (d, 1, w) as nn.Conv1d stores it; bias: (d,) or None.
-    state: (b, d, w) the last w inputs before x (zeros for a fresh sequence).
+    x: (b, l, d) channels last; weight: (d, 1, w) as nn.Conv1d stores it, or (d, w); bias: (d,)
+    or None. state: (b, d, w) the last w inputs before x (zeros for a fresh sequence).
     seq_idx: (b, l) segment ids; an output never sees an input of another segment.
     Returns y (b, l, d) and the new state (b, d, w): the last w inputs, zero where they belong to a
     segment other than the last one (so that a later call cannot see across that boundary).
     """
+    _check_tensor("x", x, (None, None, None), floating=True)
+    b, l, d = x.shape
+    weight = _check_conv_weight(weight, d, x.device)
+    w = weight.shape[-1]
+    if bias is not None:
+        _check_tensor("bias", bias, (d,), floating=True, device=x.device)
+    if seq_idx is not None:
+        _check_seq_idx(seq_idx, b, l, x.device)
+    if state is not None:
+        _check_tensor("state", state, (b, d, w), floating=True, device=x.device)
+    return _causal_conv1d(x, weight, bias, seq_idx, state)
+
+
+def _causal_conv1d(x, weight, bias=None, seq_idx=None, state=None):
     b, l, d = x.shape
     w = weight.shape[-1]
     history = x.new_zeros(b, w, d) if state is None else state.transpose(1, 2).to(x.dtype)
@@ -328,8 +416,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y = F.conv2d(xp[:, 1:].unsqueeze(1).permute(0, 3, 1, 2), taps, bias, groups=d)
         return y.permute(0, 2, 3, 1).squeeze(1), new_state.transpose(1, 2)   # (b, l, d), (b, d, w)
     # Packed segments: y_t = bias + sum_k taps[k] x_{t-(w-1)+k}, w shifted multiply-adds, each
-    # (output, lag) pair selected so that no output sees another segment's input. The history
-    # belongs to the first segment, like initial_states.
+    # (output, lag) pair selected so that no output sees another segment's input (selected, not
+    # multiplied by 0: 0 * NaN = NaN). The history belongs to the first segment.
     seg = torch.cat([seq_idx[:, :1].expand(b, w), seq_idx], dim=1)           # (b, w + l)
     taps = weight[:, 0].t()                                                   # (w, d)
     y = None
@@ -348,16 +436,29 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     """One token of causal_conv1d in its recurrent form: the window of the last w inputs moves on
     by one and each channel takes one dot product with its taps.
 
-    x: (b, d); weight: (d, 1, w); state: (b, d, w) the last w inputs. Like ssd_step, the state is
-    updated in place at inference and left untouched when autograd records. Returns y (b, d) and
-    the new state.
+    x: (b, d); weight: (d, 1, w) or (d, w); state: (b, d, w) the last w inputs. Like ssd_step,
+    the state is updated in place at inference and left untouched when autograd records. Returns
+    y (b, d) and the new state.
     """
+    _check_tensor("x", x, (None, None), floating=True)
+    b, d = x.shape
+    weight = _check_conv_weight(weight, d, x.device)
+    if bias is not None:
+        _check_tensor("bias", bias, (d,), floating=True, device=x.device)
+    _check_tensor("state", state, (b, d, weight.shape[-1]), floating=True, device=x.device)
+    y, window = _conv_step(x, weight, bias, state)
+    if not _recording(x, weight, bias, state):
+        _check_writable("state", state)
+        window = state.copy_(window)
+    return y, window
+
+
+def _conv_step(x, weight, bias, state):
+    """causal_conv1d_step without writing `state`: y (b, d) and the moved window (b, d, w)."""
     window = torch.cat([state[..., 1:], x.unsqueeze(-1).to(state.dtype)], dim=-1)   # (b, d, w)
     y = torch.linalg.vecdot(window, weight[:, 0].to(state.dtype))                   # (b, d)
     if bias is not None:
-        y = y.add_(bias)
-    if not _recording(x, weight, state):
-        window = state.copy_(window)
+        y = y + bias
     return y.to(x.dtype), window
 
 
@@ -370,9 +471,15 @@ class _Chunks:
 
     All in the compute dtype. The last chunk is padded with dt = 0, "no input and no decay", so the
     state after it is the state after the last real token; every decay is exp of a number <= 0.
+    S0 (b, h, p, n), when given, is the state every segment after the first starts from (learned
+    initial states); the first segment starts from the scan's initial_states.
+
+    Without autograd recording every temporary is built in place; when autograd records (the
+    double backward recomputes the forward that way) new tensors are built instead.
     """
 
-    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx):
+    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx, S0=None):
+        self.inplace = not torch.is_grad_enabled()
         b, l, h, p = x.shape
         g, n = B.shape[-2:]
         q = min(chunk_size, l)               # a short input takes one chunk of its own length
@@ -387,16 +494,32 @@ class _Chunks:
             b, l, c, q, h, p, g, h // g, n
         self.x = rearrange(x, "b (c q) h p -> b c q h p", q=q)
         self.dt = rearrange(dt, "b (c q) h -> b c q h", q=q)
-        self.X = self.x * self.dt[..., None]                              # (b, c, q, h, p)
-        self.A_cumsum = (self.dt * A).cumsum_(2)                          # (b, c, q, h)
         self.B = rearrange(B, "b (c q) g n -> b c g q n", q=q)            # views, no copies
         self.C = rearrange(C, "b (c q) g n -> b c g q n", q=q)
+        X = self.x * self.dt[..., None]                                   # (b, c, q, h, p)
+        # A non-finite input (a planted NaN, an fp16 overflow) must not reach earlier tokens or
+        # other segments: in the products of step 1, 0 * NaN = NaN would carry it backwards in
+        # time. Such (token, head) pairs enter the products as zeros, and every output from them on
+        # in their segment, and the state they leave, are made NaN instead: the honest result,
+        # as the token-by-token recurrence gives it. (On a CPU a clean input skips all of this.)
+        lo, hi = torch.aminmax(X, dim=-1)                                 # NaN and ±inf show here
+        bad = ~(lo.isfinite() & hi.isfinite())                            # (b, c, q, h)
+        self.poisoned = None
+        suspect = X.device.type != "cpu" or bool(bad.any())
+        if suspect:
+            X = torch.where(bad[..., None], 0, X)
+            dt_clean = torch.where(bad, 0, self.dt)
+        else:
+            dt_clean = self.dt
+        self.X = X
+        self.A_cumsum = torch.cumsum(dt_clean * A, dim=2)                 # (b, c, q, h)
         # Masks (paper: a packed batch is one block-diagonal M). Token i sees token j in its chunk
         # when j <= i within one segment; a chunk's end state collects its last segment only; the
         # state carried into a chunk reaches only tokens of the segment it came from, and does not
         # reach the chunk's end when the segment changes inside the chunk.
         self.visible = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()   # (q, q)
         self.same_segment_as_end = self.same_segment_as_start = self.carries_state = None
+        self.init_decay = None
         if seq_idx is not None:
             seg = seq_idx.view(b, c, q)
             last = seg[..., -1]                                           # (b, c) at chunk end
@@ -406,6 +529,33 @@ class _Chunks:
             self.same_segment_as_end = (seg == last[..., None]).unsqueeze(-1)        # (b, c, q, 1)
             self.same_segment_as_start = (seg == before[..., None]).unsqueeze(-1)    # (b, c, q, 1)
             self.carries_state = (last == before).unsqueeze(-1)                       # (b, c, 1)
+            if S0 is not None:
+                self._segment_starts(seg)
+        self.S0 = None if self.init_decay is None else S0.expand(b, h, p, n)
+        if suspect:
+            self._poison(bad)
+
+    def _segment_starts(self, seg):
+        """init_decay (b, c, q, h): exp(A_cumsum_i - A_cumsum_{s-1}), the decay from the start s
+        of token i's segment, for the tokens of segments that start inside the chunk (the others
+        have the carried state); base_index (b, c, q) is s - 1 (-1 at the chunk's start)."""
+        q = self.q
+        starts = F.pad(seg[..., 1:] != seg[..., :-1], (1, 0), value=True)   # (b, c, q)
+        position = torch.arange(q, device=seg.device)
+        self.base_index = torch.where(starts, position, 0).cummax(-1).values - 1
+        index = self.base_index.clamp(min=0)[..., None].expand(-1, -1, -1, self.h)
+        base = torch.where(self.base_index[..., None] >= 0, self.A_cumsum.gather(2, index), 0)
+        self.init_decay = torch.where(self.same_segment_as_start, 0,
+                                      torch.exp(self.A_cumsum - base))    # (b, c, q, h)
+
+    def _poison(self, bad):
+        """poisoned (b, c, q, h): the (token, head) pairs at or after a non-finite input in their
+        segment of the chunk; the decays poisoned there turn their outputs and states into NaN."""
+        if self.same_segment_as_end is None:
+            reached = bad.cumsum(2) > 0
+        else:
+            reached = (self.visible[:, :, 0].to(self.X.dtype) @ bad.to(self.X.dtype)) > 0
+        self.poisoned = reached                                           # (b, c, q, h)
 
     def grouped(self, t: torch.Tensor) -> torch.Tensor:
         """(b, c, q, h, p) -> (b, c, g, q, r*p), a view: the r heads of a group side by side, so
@@ -417,8 +567,10 @@ class _Chunks:
         return t.transpose(-3, -2).reshape(*t.shape[:-3], self.q, self.h, self.p)
 
     def CB(self) -> torch.Tensor:
-        """C_i·B_j once per group, zero where token i may not see token j: (b, c, g, q, q)."""
-        return (self.C @ self.B.transpose(-1, -2)).masked_fill_(~self.visible, 0)
+        """C_i·B_j once per group, zero where token i may not see token j: (b, c, g, q, q).
+        Selected, not multiplied, so that a non-finite B_j cannot reach row i < j."""
+        CB, hidden = self.C @ self.B.transpose(-1, -2), ~self.visible
+        return CB.masked_fill_(hidden, 0) if self.inplace else CB.masked_fill(hidden, 0)
 
     def L(self) -> torch.Tensor:
         """The decay matrix of the diagonal blocks, L[i, j] = exp(A_cumsum_i - A_cumsum_j), per head
@@ -428,22 +580,51 @@ class _Chunks:
         the masked C Bᵀ it meets zeroes it. Masking the per-group C Bᵀ instead of the per-head L
         saves a pass over L, and exp never sees -inf (slow on CPU)."""
         A_cumsum = rearrange(self.A_cumsum, "b c q h -> b c h q").contiguous()
-        return torch.sub(A_cumsum[..., :, None], A_cumsum[..., None, :]).clamp_(max=0).exp_()
+        diff = torch.sub(A_cumsum[..., :, None], A_cumsum[..., None, :])
+        return diff.clamp_(max=0).exp_() if self.inplace else diff.clamp(max=0).exp()
+
+    def M(self) -> torch.Tensor:
+        """The diagonal blocks of the semiseparable matrix, M = L ∘ C Bᵀ: (b, c, h, q, q), the
+        per-group C Bᵀ broadcast to its r heads."""
+        b, c, g, r, q = self.b, self.c, self.g, self.r, self.q
+        L, CB = self.L().view(b, c, g, r, q, q), self.CB().unsqueeze(3)
+        return (L.mul_(CB) if self.inplace else L * CB).view(b, c, self.h, q, q)
 
     def decays(self):
         """Listing 1's decays, zero where segments cut them: decay_states = exp(A_cumsum_end -
         A_cumsum) from each token to its chunk's end and state_decay_out = exp(A_cumsum) from the
         chunk's start to each token, (b, c, q, h); decay_chunk = exp(A_cumsum_end) across the
-        chunk, (b, c, h) (Listing 1's (c+1) x (c+1) matrix holds its products)."""
+        chunk, (b, c, h) (Listing 1's (c+1) x (c+1) matrix holds its products). Poisoned tokens
+        get NaN in state_decay_out, a chunk whose end is poisoned NaN in decay_chunk."""
         A_end = self.A_cumsum[:, :, -1:]                                  # (b, c, 1, h)
         decay_states = torch.exp(A_end - self.A_cumsum)
         state_decay_out = self.A_cumsum.exp()
         decay_chunk = A_end[:, :, 0].exp()
         if self.same_segment_as_end is not None:
-            decay_states.masked_fill_(~self.same_segment_as_end, 0)
-            state_decay_out.masked_fill_(~self.same_segment_as_start, 0)
-            decay_chunk.masked_fill_(~self.carries_state, 0)
+            decay_states = torch.where(self.same_segment_as_end, decay_states, 0)
+            state_decay_out = torch.where(self.same_segment_as_start, state_decay_out, 0)
+            decay_chunk = torch.where(self.carries_state, decay_chunk, 0)
+        if self.poisoned is not None:
+            state_decay_out = torch.where(self.poisoned, math.nan, state_decay_out)
+            decay_chunk = torch.where(self.poisoned[:, :, -1], math.nan, decay_chunk)
         return decay_states, state_decay_out, decay_chunk
+
+    def drop_state(self) -> Optional[torch.Tensor]:
+        """(b, c, h): where the state carried into a chunk must not reach its end (the segment
+        changes, and the chunk's end is not poisoned anyway): selected away, since a non-finite
+        state times a zero decay would still be NaN. None without segments."""
+        if self.carries_state is None:
+            return None
+        drop = ~self.carries_state.expand(-1, -1, self.h)
+        return drop if self.poisoned is None else drop & ~self.poisoned[:, :, -1]
+
+    def unseen_state(self) -> Optional[torch.Tensor]:
+        """(b, c, q, h): the tokens the carried state must not reach (another segment, and not
+        poisoned), selected away for the same reason. None without segments."""
+        if self.same_segment_as_start is None:
+            return None
+        unseen = ~self.same_segment_as_start.expand(-1, -1, -1, self.h)
+        return unseen if self.poisoned is None else unseen & ~self.poisoned
 
     def X_to_end(self, decay_states: torch.Tensor) -> torch.Tensor:
         """decay_states_j X_j, what each token leaves in its chunk's end state, grouped:
@@ -457,18 +638,19 @@ class _Chunks:
 
 def _ssd_forward(ch: _Chunks, D, initial_states, states=None):
     """Listing 1's four steps: y (b, c, q, h, p) and the final state (b, h, p, n); with `states`
-    (b, c, h, p, n) given, also the state entering each chunk, which backward needs. Runs without
-    autograd recording, so it works in place."""
+    (b, c, h, p, n) given, also the state entering each chunk, which backward needs. In place on
+    its own temporaries unless autograd records (ch.inplace)."""
     b, c, q, h, p, g, r, n = ch.b, ch.c, ch.q, ch.h, ch.p, ch.g, ch.r, ch.n
     # 1. Diagonal blocks: Y_diag = M X with M = L ∘ C Bᵀ, batched over all chunks.
-    M = ch.L()                                                          # (b, c, h, q, q)
-    M.view(b, c, g, r, q, q).mul_(ch.CB().unsqueeze(3))                # C Bᵀ broadcast to r heads
+    M = ch.M()                                                          # (b, c, h, q, q)
     # 2. Chunk states: each chunk's own tokens leave sum_j decay_states_j X_j B_jᵀ at its end
     #    (the product with B is taken in the loop below, one chunk at a time).
     decay_states, state_decay_out, decay_chunk = ch.decays()
     X_to_end = ch.X_to_end(decay_states)                                # (b, c, g, q, r*p)
+    unseen, drop = ch.unseen_state(), ch.drop_state()
+    S0 = None if ch.S0 is None else ch.S0.reshape(b, g, r * p, n)
     S = ch.x.new_zeros(b, h, p, n) if initial_states is None else initial_states.clone()
-    y = ch.x.new_empty(b, c, q, h, p)
+    y = ch.x.new_empty(b, c, q, h, p) if ch.inplace else []
     # 3-4. One chunk at a time: the state S entering chunk i is read out (4), then passed on (3).
     # A linear recurrence keeps time and memory linear in l (Listing 1's (c+1) x (c+1) decay
     # matrix is quadratic), and the state stays in cache between the two steps.
@@ -476,24 +658,60 @@ def _ssd_forward(ch: _Chunks, D, initial_states, states=None):
         if states is not None:
             states[:, i] = S
         # 4. State -> output: Y_off = state_decay_out C_tᵀ S, and y = Y_diag + Y_off.
-        Y_off = ch.C[:, i] @ S.view(b, g, r * p, n).transpose(-1, -2)         # (b, g, q, r*p)
-        Y_diag = M[:, i] @ ch.X[:, i].transpose(1, 2)                          # (b, h, q, p)
-        torch.addcmul(Y_diag.transpose(1, 2), ch.ungrouped(Y_off), state_decay_out[:, i, ..., None],
-                      out=y[:, i])
+        Y_off = ch.ungrouped(ch.C[:, i] @ S.view(b, g, r * p, n).transpose(-1, -2))  # (b,q,h,p)
+        if unseen is not None:
+            Y_off = Y_off.masked_fill(unseen[:, i, ..., None], 0)
+        if S0 is not None:   # segments that start inside the chunk start from S0
+            Y_init = ch.ungrouped(ch.C[:, i] @ S0.transpose(-1, -2))
+            Y_off = torch.addcmul(Y_off * state_decay_out[:, i, ..., None], Y_init,
+                                  ch.init_decay[:, i, ..., None])
+            gate = None
+        else:
+            gate = state_decay_out[:, i, ..., None]
+        Y_diag = (M[:, i] @ ch.X[:, i].transpose(1, 2)).transpose(1, 2)        # (b, q, h, p)
+        if ch.inplace and gate is not None:
+            torch.addcmul(Y_diag, Y_off, gate, out=y[:, i])
+        elif ch.inplace:
+            torch.add(Y_diag, Y_off, out=y[:, i])
+        else:
+            y.append(Y_diag + Y_off * gate if gate is not None else Y_diag + Y_off)
         # 3. State passing: S <- decay_chunk S + (chunk state of step 2).
-        S.mul_(decay_chunk[:, i, :, None, None])
-        S.view(b * g, r * p, n).baddbmm_(X_to_end[:, i].reshape(b * g, q, r * p).transpose(1, 2),
-                                         ch.B[:, i].reshape(b * g, q, n))
-    if D is not None:
-        y.addcmul_(ch.x, D if D.dim() == 2 else D[:, None])                   # the skip D x
+        S = _pass_state(S, decay_chunk[:, i], None if drop is None else drop[:, i],
+                        X_to_end[:, i], ch.B[:, i], ch.inplace)
+        if S0 is not None:
+            S = S.addcmul_(ch.S0, ch.init_decay[:, i, -1, :, None, None]) if ch.inplace else \
+                torch.addcmul(S, ch.S0, ch.init_decay[:, i, -1, :, None, None])
+    y = y if ch.inplace else torch.stack(y, dim=1)
+    if D is not None:                                                         # the skip D x
+        Dm = D if D.dim() == 2 else D[:, None]
+        y = y.addcmul_(ch.x, Dm) if ch.inplace else torch.addcmul(y, ch.x, Dm)
     return y, S
+
+
+def _pass_state(S, decay_chunk, drop, X_to_end, B, inplace):
+    """Step 3 for one chunk: S <- decay_chunk S + X_to_endᵀ B, per group one matrix product;
+    S (b, h, p, n), decay_chunk and drop (b, h), X_to_end (b, g, q, r*p), B (b, g, q, n)."""
+    b, h, p, n = S.shape
+    g, q = B.shape[1], B.shape[2]
+    X_T = X_to_end.reshape(b * g, q, -1).transpose(1, 2)                      # (b*g, r*p, q)
+    if inplace:
+        S.mul_(decay_chunk[..., None, None])
+        if drop is not None:
+            S.masked_fill_(drop[..., None, None], 0)
+        S.view(b * g, -1, n).baddbmm_(X_T, B.reshape(b * g, q, n))
+        return S
+    S = S * decay_chunk[..., None, None]
+    if drop is not None:
+        S = S.masked_fill(drop[..., None, None], 0)
+    return torch.baddbmm(S.reshape(b * g, -1, n), X_T, B.reshape(b * g, q, n)).view(b, h, p, n)
 
 
 def _ssd_backward(ch: _Chunks, A, D, dy, dfinal, states):
     """The adjoint of _ssd_forward, its steps in reverse (4, 3, 2, 1, then A_cumsum and X = x dt):
-    gradients for (x, dt, A, B, C, D, initial_states) from dy (b, l, h, p) and dfinal (b, h, p, n),
-    either of which may be None, and `states` (b, c, h, p, n), the state entering each chunk. Each
-    product of the forward appears transposed; dA_cumsum gathers what every decay contributes."""
+    gradients for (x, dt, A, B, C, D, initial_states, S0) from dy (b, l, h, p) and dfinal
+    (b, h, p, n), either of which may be None, and `states` (b, c, h, p, n), the state entering
+    each chunk. Each product of the forward appears transposed; dA_cumsum gathers what every
+    decay contributes. (Inputs are finite here: with a non-finite one the gradients are NaN.)"""
     b, c, q, h, p, g, r, n, l = ch.b, ch.c, ch.q, ch.h, ch.p, ch.g, ch.r, ch.n, ch.l
     dY = ch.x.new_zeros(b, c, q, h, p)
     if dy is not None:
@@ -506,6 +724,13 @@ def _ssd_backward(ch: _Chunks, A, D, dy, dfinal, states):
     dY_off = ch.grouped(dY * state_decay_out[..., None])                      # (b, c, g, q, r*p)
     dC = dY_off @ S                                                           # (b, c, g, q, n)
     dstates = (dY_off.transpose(-1, -2) @ ch.C).view(b, c, h, p, n)
+    dS0 = None
+    if ch.S0 is not None:   # ... and the segments that start from S0
+        S0 = ch.S0.reshape(b, 1, g, r * p, n)
+        d_init = (dY * ch.ungrouped(ch.C @ S0.transpose(-1, -2))).sum(-1).mul_(ch.init_decay)
+        dY_init = ch.grouped(dY * ch.init_decay[..., None])
+        dC += dY_init @ S0
+        dS0 = (dY_init.transpose(-1, -2) @ ch.C).sum(1).view(b, h, p, n)
     # 3. State passing, in reverse over chunks: dS_end[i] is the gradient of the state leaving
     #    chunk i, dS_end[i-1] = decay_chunk[i] dS_end[i] + dstates[i].
     dS_end = torch.empty_like(dstates)
@@ -515,6 +740,15 @@ def _ssd_backward(ch: _Chunks, A, D, dy, dfinal, states):
                       out=dS_end[:, i - 1])
     dinitial = torch.addcmul(dstates[:, 0], dS_end[:, 0], decay_chunk[:, 0, :, None, None])
     dA_cumsum[:, :, -1] += (dS_end * states).sum((-1, -2)).mul_(decay_chunk)    # via decay_chunk
+    if ch.S0 is not None:   # S0 enters each chunk end whose last segment started inside it
+        end_decay = ch.init_decay[:, :, -1]                                   # (b, c, h)
+        d_end = (dS_end * ch.S0[:, None]).sum((-1, -2)).mul_(end_decay)        # (b, c, h)
+        dS0 += (dS_end * end_decay[..., None, None]).sum(1)
+        d_init[:, :, -1] += d_end
+        # init_decay = exp(A_cumsum_i - A_cumsum_base): the base index gets the opposite gradient
+        dA_cumsum += d_init
+        index = ch.base_index.clamp(min=0)[..., None].expand(-1, -1, -1, h)
+        dA_cumsum.scatter_add_(2, index, -d_init * (ch.base_index[..., None] >= 0))
 
     # 2. Chunk states, sum_j decay_states_j X_j B_jᵀ: gradients for X, B and A_cumsum.
     dS_end_g = dS_end.view(b, c, g, r * p, n)
@@ -552,31 +786,54 @@ def _ssd_backward(ch: _Chunks, A, D, dy, dfinal, states):
         dD = dD if D.dim() == 2 else dD.sum(-1)
         dx.addcmul_(dY, D if D.dim() == 2 else D[:, None])
     dB, dC = (ch.unchunk(t.transpose(2, 3)) for t in (dB, dC))
-    return ch.unchunk(dx), ch.unchunk(ddt), dA, dB, dC, dD, dinitial
+    return ch.unchunk(dx), ch.unchunk(ddt), dA, dB, dC, dD, dinitial, dS0
 
 
 class _ChunkedScan(torch.autograd.Function):
     """The chunked scan with its backward written out, as the official kernels have one. Autograd
-    keeps only the inputs and the states at chunk boundaries; the rest is recomputed in backward."""
+    keeps only the inputs and the states at chunk boundaries; the rest is recomputed in backward.
+    Second derivatives (create_graph=True) differentiate a recorded re-run of the forward."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
-        ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx)
+    def forward(ctx, x, dt, A, B, C, D, initial_states, S0, seq_idx, chunk_size):
+        ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx, S0)
         needs = any(ctx.needs_input_grad)
         states = x.new_empty(ch.b, ch.c, ch.h, ch.p, ch.n) if needs else None
         y, final = _ssd_forward(ch, D, initial_states, states)
-        ctx.save_for_backward(x, dt, A, B, C, D, seq_idx, states)
-        ctx.chunk_size, ctx.has_initial = chunk_size, initial_states is not None
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_states, S0, seq_idx, states)
+        ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
         return ch.unchunk(y), final
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dfinal):
-        x, dt, A, B, C, D, seq_idx, states = ctx.saved_tensors
-        ch = _Chunks(x, dt, A, B, C, ctx.chunk_size, seq_idx)
-        dx, ddt, dA, dB, dC, dD, dinitial = _ssd_backward(ch, A, D, dy, dfinal, states)
-        return dx, ddt, dA, dB, dC, dD, dinitial if ctx.has_initial else None, None, None
+        x, dt, A, B, C, D, initial_states, S0, seq_idx, states = ctx.saved_tensors
+        inputs = (x, dt, A, B, C, D, initial_states, S0)
+        if torch.is_grad_enabled():   # create_graph: gradients as a differentiable function
+            ch = _Chunks(x, dt, A, B, C, ctx.chunk_size, seq_idx, S0)
+            y, final = _ssd_forward(ch, D, initial_states)
+            return _grad_of_recorded((ch.unchunk(y), final), (dy, dfinal), inputs,
+                                     ctx.needs_input_grad) + (None, None)
+        ch = _Chunks(x, dt, A, B, C, ctx.chunk_size, seq_idx, S0)
+        grads = _ssd_backward(ch, A, D, dy, dfinal, states)
+        grads = tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
+        if S0 is not None and grads[7] is not None and grads[7].shape != S0.shape:
+            grads = grads[:7] + (grads[7].sum_to_size(S0.shape),)
+        return grads + (None, None)
+
+
+def _grad_of_recorded(outputs, grad_outputs, inputs, needs_input_grad) -> tuple:
+    """For a double backward: the gradients of recorded `outputs` with respect to the `inputs`
+    that need one, themselves recorded (create_graph), None elsewhere."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if g is not None]
+    wanted = [i for i, (t, need) in enumerate(zip(inputs, needs_input_grad))
+              if need and t is not None]
+    grads = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                [g for _, g in pairs], create_graph=True, allow_unused=True)
+    out = [None] * len(inputs)
+    for i, gr in zip(wanted, grads):
+        out[i] = gr
+    return tuple(out)
 
 
 def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -601,12 +858,19 @@ def ssd(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: 
     Steps 3-4 run one chunk at a time (Listing 1's all-chunks decay matrix is quadratic in l).
     Gradients come from the adjoint of these steps (_ssd_backward), not from recording them.
     """
-    out_dtype, cdt = x.dtype, _compute_dtype(x.dtype)
-    x, dt, A, B, C, D, initial_states = (None if t is None else t.to(cdt)
-                                         for t in (x, dt, A, B, C, D, initial_states))
-    y, final = _ChunkedScan.apply(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
-    y = y.to(out_dtype)
+    _check_scan_inputs(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
+    y, final = _ssd(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx)
     return (y, final) if return_final_states else y
+
+
+def _ssd(x, dt, A, B, C, chunk_size, D=None, initial_states=None, seq_idx=None, S0=None):
+    """ssd without the checks, returning (y, final state); S0 (h, p, n), when given, is where
+    every segment after the first starts (learned initial states)."""
+    out_dtype, cdt = x.dtype, _compute_dtype(x.dtype)
+    x, dt, A, B, C, D, initial_states, S0 = (None if t is None else t.to(cdt)
+                                             for t in (x, dt, A, B, C, D, initial_states, S0))
+    y, final = _ChunkedScan.apply(x, dt, A, B, C, D, initial_states, S0, seq_idx, chunk_size)
+    return y.to(out_dtype), final
 
 
 def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -619,24 +883,57 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     x: (b, h, p); dt: (b, h) positive; A: (h,); B, C: (b, g, n); state: (b, h, p, n);
     D: (h,) or (h, p). Returns y (b, h, p) in x's dtype and the state S after the token.
     """
+    _check_tensor("x", x, (None, None, None), floating=True)
+    b, h, p = x.shape
+    _check_tensor("B", B, (b, None, None), floating=True, device=x.device)
+    g, n = B.shape[-2:]
+    _check_step_sizes(x, dt, A, B, C, D)
+    _check_tensor("state", state, (b, h, p, n), floating=True, device=x.device)
+    y, update = _ssd_step(x, dt, A, B, C, state, D)
+    if _recording(x, dt, A, B, C, state):
+        return y, _apply_step(state, update, inplace=False)
+    _check_writable("state", state)
+    return y, _apply_step(state, update, inplace=True)
+
+
+class _StepUpdate(NamedTuple):
+    """What one recurrent step adds to a state S (b, h, p, n): S <- decay S + X Bᵀ."""
+    decay: torch.Tensor      # (b, h) exp(dt A)
+    X: torch.Tensor          # (b, h, p) x dt
+    B: torch.Tensor          # (b, g, n)
+
+
+def _ssd_step(x, dt, A, B, C, state, D=None):
+    """ssd_step read from `state` without writing it: y (b, h, p) and the _StepUpdate.
+
+    y = C·S_new = decay (S C) + X (B·C): the read-out needs the old state only, so that a model can
+    compute every layer before it writes any cache (nothing is half-updated when a call fails)."""
     b, h, p = x.shape
     g, n = B.shape[-2:]
-    r = h // g
-    cdt = state.dtype
-    decay = torch.exp(dt * A).to(cdt).view(b * g, r, 1, 1)                 # exp(dt A), per head
-    X = (x * dt.unsqueeze(-1)).to(cdt).view(b * g, r * p, 1)                # x dt
+    r, cdt = h // g, state.dtype
+    decay = torch.exp(dt * A).to(cdt)                                        # (b, h)
+    X = (x * dt.unsqueeze(-1)).to(cdt)                                        # (b, h, p)
+    B, C = B.to(cdt), C.to(cdt)                                               # (b, g, n)
     # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies.
-    Bg, Cg = B.to(cdt).reshape(b * g, 1, n), C.to(cdt).reshape(b * g, n, 1)
-    if _recording(x, dt, A, B, C, state):
-        S = torch.baddbmm((state.view(b * g, r, p, n) * decay).view(b * g, r * p, n), X, Bg)
-        new_state = S.view(b, h, p, n)
-    else:                                                          # S = exp(dt A) S + x dt Bᵀ
-        S = state.view(b * g, r, p, n).mul_(decay).view(b * g, r * p, n).baddbmm_(X, Bg)
-        new_state = state
-    y = torch.bmm(S, Cg).view(b, h, p)                                       # y = S C
+    SC = torch.bmm(state.reshape(b * g, r * p, n), C.reshape(b * g, n, 1)).view(b, h, p)
+    BC = torch.linalg.vecdot(B, C).repeat_interleave(r, dim=1)                # (b, h)
+    y = torch.addcmul(SC * decay[..., None], X, BC[..., None])                # (b, h, p)
     if D is not None:
         y = torch.addcmul(y, x.to(cdt), D.to(cdt) if D.dim() == 2 else D.to(cdt)[:, None])
-    return y.to(x.dtype), new_state
+    return y.to(x.dtype), _StepUpdate(decay, X, B)
+
+
+def _apply_step(state, update: _StepUpdate, inplace: bool):
+    """S <- decay S + X Bᵀ: in place on `state` (inference), or as a new tensor (autograd)."""
+    b, h, p, n = state.shape
+    g = update.B.shape[1]
+    decay = update.decay.view(b * g, h // g, 1, 1)
+    X, B = update.X.reshape(b * g, -1, 1), update.B.reshape(b * g, 1, n)
+    if inplace:
+        state.view(b * g, h // g, p, n).mul_(decay).view(b * g, -1, n).baddbmm_(X, B)
+        return state
+    scaled = (state.reshape(b * g, h // g, p, n) * decay).view(b * g, -1, n)
+    return torch.baddbmm(scaled, X, B).view(b, h, p, n)
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float("inf"))):
@@ -648,6 +945,7 @@ def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float(
     return dt
 
 
+
 # ========================================================================================= 4. norm
 
 def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
@@ -655,45 +953,73 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
                    norm_before_gate: bool = False) -> torch.Tensor:
     """RMSNorm over contiguous groups of `group_size` channels, optionally gated by silu(z).
 
-    norm_before_gate=True: norm(x) * silu(z); False: norm(x * silu(z)). Statistics in fp32.
+    x: (..., d); z: None or x's shape; weight: (d,). norm_before_gate=True: norm(x) * silu(z);
+    False: norm(x * silu(z)). Statistics in fp32; the output in x's dtype.
     """
-    group_size = group_size or x.shape[-1]
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"x must be a floating-point tensor of at least one dimension, got "
+                        f"{type(x).__name__}{_shape_dtype(x)}")
+    d = x.shape[-1]
+    if z is not None:
+        _check_tensor("z", z, tuple(x.shape), floating=True, device=x.device)
+    _check_tensor("weight", weight, (d,), floating=True, device=x.device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    if group_size is not None:
+        _check_int("group_size", group_size)
+        if d % group_size:
+            raise ValueError(f"group_size ({group_size}) must divide the channels of x ({d})")
+    if not isinstance(norm_before_gate, bool):
+        raise TypeError(f"norm_before_gate must be a bool, got {norm_before_gate!r}")
+    return _rms_norm_gated(x, z, weight, eps, group_size or d, norm_before_gate)
+
+
+def _rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate):
     if _recording(x, z, weight):
         return _GatedRMSNorm.apply(x, z, weight, eps, group_size, norm_before_gate)
     return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)[0]
 
 
 def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
-    """(out in x's dtype, rstd (..., groups, 1)). In place on its own temporaries, never on x, z."""
+    """(out in x's dtype, rstd (..., groups, 1)). In place on its own temporaries (never on x or
+    z) unless autograd records them (the double backward)."""
+    inplace = not _recording(x, z, weight)
     dtype, cdt = x.dtype, _compute_dtype(x.dtype)
     gate = None if z is None else F.silu(z.to(cdt))
     v = x.to(cdt)
-    if gate is not None and not norm_before_gate:
-        v, gate = gate.mul_(v), None                         # x * silu(z) is what is normalised
-    vg = v.unflatten(-1, (-1, group_size))                   # (..., groups, group_size)
-    rstd = torch.linalg.vector_norm(vg, dim=-1, keepdim=True).square_().div_(group_size)
-    rstd = rstd.add_(eps).rsqrt_()
-    out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight)
-    if gate is not None:
-        out.mul_(gate)
+    if gate is not None and not norm_before_gate:              # x * silu(z) is normalised
+        v, gate = (gate.mul_(v) if inplace else gate * v), None
+    vg = v.unflatten(-1, (-1, group_size))                     # (..., groups, group_size)
+    ms = torch.linalg.vector_norm(vg, dim=-1, keepdim=True)
+    rstd = ms.square_().div_(group_size).add_(eps).rsqrt_() if inplace else \
+        (ms.square() / group_size + eps).rsqrt()
+    if inplace:
+        out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight)
+        out = out if gate is None else out.mul_(gate)
+    else:
+        out = (vg * rstd).flatten(-2) * weight
+        out = out if gate is None else out * gate
     return out.to(dtype), rstd
 
 
 class _GatedRMSNorm(torch.autograd.Function):
     """rms_norm_gated with its backward written out: keeps x, z and the per-group 1/rms, nothing
-    the size of an intermediate."""
+    the size of an intermediate. Second derivatives differentiate a recorded re-run."""
 
     @staticmethod
     def forward(ctx, x, z, weight, eps, group_size, norm_before_gate):
         out, rstd = _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
         ctx.save_for_backward(x, z, weight, rstd)
-        ctx.group_size, ctx.norm_before_gate = group_size, norm_before_gate
+        ctx.eps, ctx.group_size, ctx.norm_before_gate = eps, group_size, norm_before_gate
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         x, z, weight, rstd = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph: gradients as a differentiable function
+            out, _ = _gated_rms_norm(x, z, weight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
+            return _grad_of_recorded((out,), (dout,), (x, z, weight),
+                                     ctx.needs_input_grad) + (None, None, None)
         cdt, gs, gate_after = _compute_dtype(x.dtype), ctx.group_size, ctx.norm_before_gate
         x32, dout, w = x.to(cdt), dout.to(cdt), weight.to(cdt)
         if z is not None:
@@ -728,7 +1054,8 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return rms_norm_gated(x, z, self.weight, self.eps, self.group_size, self.norm_before_gate)
+        return _rms_norm_gated(x, z, self.weight, self.eps, self.group_size or x.shape[-1],
+                               self.norm_before_gate)
 
     def extra_repr(self) -> str:
         return (f"{self.weight.numel()}, eps={self.eps}, group_size={self.group_size}, "
@@ -800,6 +1127,7 @@ class BlockWeights(NamedTuple):
     out_proj_weight: Optional[torch.Tensor]  # (d_model, d_inner); None: out is the d_inner features
     out_proj_bias: Optional[torch.Tensor]
     in_proj: Optional[Callable] = None       # u (b, l, d_model) -> zxbcdt; None: u is zxbcdt
+    init_states: Optional[torch.Tensor] = None   # (h, p, n) learned: where every segment starts
 
     @property
     def nheads(self) -> int:
@@ -815,14 +1143,16 @@ class BlockWeights(NamedTuple):
 
 
 def mamba2_block(u: torch.Tensor, w: BlockWeights, initial_states=None, seq_idx=None,
-                 conv_state=None, step_state=None):
+                 conv_state=None, step: bool = False):
     """One Mamba-2 block, from in_proj's input u (b, l, d_model) — or its output zxbcdt
-    (b, l, d_in_proj) when w.in_proj is None — to out_proj's output. Every path runs this.
+    (b, l, d_in_proj) when w.in_proj is None — to out_proj's output. Every path runs this; its
+    callers have checked the inputs.
 
     initial_states (b, h, p, n) and conv_state (b, conv_dim, w) are the SSM state and the last w
-    conv inputs before u (None: a fresh sequence); seq_idx (b, l) packs segments. With step_state
-    (b, h, p, n) and a single token the recurrent forms run instead of the chunked ones, updating
-    step_state and conv_state in place at inference. Returns (out, ssm state, conv state) after u.
+    conv inputs before u (None: a fresh sequence); seq_idx (b, l) packs segments. With `step` (one
+    token, no seq_idx, both states given) the recurrent forms run instead of the chunked ones.
+    Nothing is written: returns (out, the SSM state after u, the conv state after u), where for a
+    step the SSM state is the _StepUpdate that moves initial_states on by the token.
     """
     # 1. in_proj, then its output split into the gated-MLP branch (z0, x0), the gate z, the
     #    convolution's input xBC and the step sizes dt
@@ -834,30 +1164,28 @@ def mamba2_block(u: torch.Tensor, w: BlockWeights, initial_states=None, seq_idx=
     z0, x0, z, xBC, dt = zxbcdt.split_with_sizes(sizes, -1)
 
     # 2. causal depthwise convolution over time and SiLU, then xBC split into x, B and C
-    stepping = step_state is not None and l == 1 and seq_idx is None
-    if stepping:
-        xBC, conv_state = causal_conv1d_step(xBC[:, 0], w.conv_weight, w.conv_bias, conv_state)
+    if step:
+        xBC, conv_state = _conv_step(xBC[:, 0], w.conv_weight, w.conv_bias, conv_state)
         xBC = xBC.unsqueeze(1)                                          # (b, 1, conv_dim)
     else:
-        xBC, conv_state = causal_conv1d(xBC, w.conv_weight, w.conv_bias, seq_idx, conv_state)
+        xBC, conv_state = _causal_conv1d(xBC, w.conv_weight, w.conv_bias, seq_idx, conv_state)
     xBC = F.silu(xBC, inplace=not _recording(xBC))                      # in place on our output
     x, B, C = xBC.split_with_sizes([w.d_ssm, g * n, g * n], -1)
 
     # 3. the SSM: dt = softplus(dt + dt_bias) clamped, then the chunked scan or one step
     dt = discretize_dt(dt, w.dt_bias, w.dt_limit)                       # (b, l, h) fp32
-    if stepping:
-        y, ssm_state = ssd_step(x.view(b, h, p), dt[:, 0], w.A, B.view(b, g, n), C.view(b, g, n),
-                                step_state, w.D)                        # (b, h, p)
+    if step:
+        y, ssm_state = _ssd_step(x.view(b, h, p), dt[:, 0], w.A, B.view(b, g, n),
+                                 C.view(b, g, n), initial_states, w.D)  # (b, h, p)
     else:
-        y, ssm_state = ssd(x.unflatten(-1, (h, p)), dt, w.A, B.unflatten(-1, (g, n)),
-                           C.unflatten(-1, (g, n)), w.chunk_size, D=w.D,
-                           initial_states=initial_states, seq_idx=seq_idx,
-                           return_final_states=True)                    # (b, l, h, p)
+        y, ssm_state = _ssd(x.unflatten(-1, (h, p)), dt, w.A, B.unflatten(-1, (g, n)),
+                            C.unflatten(-1, (g, n)), w.chunk_size, w.D, initial_states, seq_idx,
+                            S0=None if seq_idx is None else w.init_states)   # (b, l, h, p)
     y = y.reshape(b, l, w.d_ssm)
 
     # 4. the gated RMSNorm of y by z, grouped like B and C (or y * silu(z)); the MLP branch first
     if w.norm_weight is not None:
-        y = rms_norm_gated(y, z, w.norm_weight, w.norm_eps, w.d_ssm // g, w.norm_before_gate)
+        y = _rms_norm_gated(y, z, w.norm_weight, w.norm_eps, w.d_ssm // g, w.norm_before_gate)
     else:
         y = y * F.silu(z)
     if d_mlp > 0:
@@ -881,7 +1209,7 @@ CHUNK_LEN_CAP = {"cpu": 64}
 
 
 def _in_spans(u, w: BlockWeights, initial_states=None, seq_idx=None, conv_state=None,
-              step_state=None, checkpoint=False, span_len=None):
+              step=False, checkpoint=False, span_len=None):
     """mamba2_block over u in spans of SPAN_LEN tokens that hand their conv and SSM states on
     exactly as a cache does, so the result does not depend on the span length. With `checkpoint`
     (the memory-efficient path) autograd keeps only each span's input and recomputes the block in
@@ -893,18 +1221,43 @@ def _in_spans(u, w: BlockWeights, initial_states=None, seq_idx=None, conv_state=
     l = u.shape[1]
     span_len = span_len or SPAN_LEN.get(u.device.type, l)
     if l <= span_len:
-        return run(u, w, initial_states, seq_idx, conv_state, step_state)
+        return run(u, w, initial_states, seq_idx, conv_state, step)
     outs, state = [], initial_states
     for start in range(0, l, span_len):
         end = min(start + span_len, l)
         seg = None if seq_idx is None else seq_idx[:, start:end]
         if seg is not None and start > 0:   # a segment that starts here inherits no state
             keep = seq_idx[:, start] == seq_idx[:, start - 1]                 # (b,)
-            conv_state = conv_state * keep[:, None, None]
-            state = state * keep[:, None, None, None]
-        y, state, conv_state = run(u[:, start:end], w, state, seg, conv_state, None)
+            conv_state = torch.where(keep[:, None, None], conv_state, 0)
+            fresh = 0 if w.init_states is None else w.init_states.to(state.dtype)
+            state = torch.where(keep[:, None, None, None], state, fresh)
+        y, state, conv_state = run(u[:, start:end], w, state, seg, conv_state, False)
         outs.append(y)
     return torch.cat(outs, dim=1), state, conv_state
+
+
+class _CacheUpdate(NamedTuple):
+    """The states a cached call leaves behind, computed without writing the cache; commit()
+    writes them. A model commits every layer only once all of them have run."""
+
+    cache: "InferenceCache"
+    ssm: Union[torch.Tensor, _StepUpdate]    # the state after the call, or a step's update
+    conv: torch.Tensor                       # the conv window after the call
+    start: torch.Tensor                      # the SSM state the call started from
+
+    def commit(self):
+        if isinstance(self.ssm, _StepUpdate):
+            _apply_step(self.cache.ssm_state, _StepUpdate(*(t.detach() for t in self.ssm)),
+                        inplace=True)
+        else:
+            self.cache.ssm_state.copy_(self.ssm.detach())
+        self.cache.conv_state.copy_(self.conv.detach())
+
+    def final_state(self) -> torch.Tensor:
+        """The state after the call, its own tensor (a later call must not change it)."""
+        if not isinstance(self.ssm, _StepUpdate):
+            return self.ssm
+        return _apply_step(self.start, self.ssm, inplace=False)
 
 
 class Mamba2(nn.Module):
@@ -944,7 +1297,7 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias, **factory)
 
     def weights(self) -> BlockWeights:
-        """The block's weights and options as one bundle, the single place every path takes them."""
+        """The block's weights and options as one bundle, the one place every path takes them."""
         cfg, A_log = self.config, self.A_log
         norm = self.norm if cfg.rmsnorm else None
         D = self.D.view(cfg.nheads, cfg.headdim) if cfg.D_has_hdim else self.D
@@ -956,7 +1309,7 @@ class Mamba2(nn.Module):
             norm_weight=None if norm is None else norm.weight,
             norm_eps=1e-6 if norm is None else norm.eps, norm_before_gate=cfg.norm_before_gate,
             out_proj_weight=self.out_proj.weight, out_proj_bias=self.out_proj.bias,
-            in_proj=self.in_proj)
+            in_proj=self.in_proj, init_states=getattr(self, "init_states", None))
 
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
@@ -964,43 +1317,45 @@ class Mamba2(nn.Module):
                 cache: Optional[InferenceCache] = None):
         """u: (b, l, d_model) -> y (b, l, d_model) [, final_states (b, h, p, n)].
 
-        seq_idx (b, l) / cu_seqlens (k+1,): packed sequences that never see each other.
-        initial_states (b, h, p, n): the state before the first token (default: the learned
-        init_states with learnable_init_states, else zeros).
+        seq_idx (b, l) / cu_seqlens (k+1,): packed sequences that never see each other; each
+        starts from the learned init_states with learnable_init_states, else from zeros.
+        initial_states (b, h, p, n): the state before the first token (default: as any segment).
         cache: an InferenceCache to start from and to leave the states after u in (a prompt
         whole, in pieces or token by token). Final states are fp32 (fp64 for fp64 input).
+
+        Gradients: explicit states (initial_states -> return_final_states) carry them like the
+        whole sequence would; a cache holds detached states, so backpropagation through cached
+        calls stops at each call (truncated backpropagation through time).
         """
         seq_idx, initial_states = self._check_inputs(u, seq_idx, cu_seqlens, initial_states, cache)
         if cache is not None:
-            y, state = self._through_cache(u, cache, seq_idx, return_final_states)
-        else:
-            # The memory-efficient path keeps only each span's input u and recomputes the block
-            # (in_proj, conv, scan, norm, out_proj) in backward: the same function, no second copy.
-            checkpoint = self.config.use_mem_eff_path and _recording(u, *self.parameters())
-            y, state, _ = _in_spans(u, self.weights(), initial_states, seq_idx,
-                                    checkpoint=checkpoint)
+            y, update = self._through_cache(u, cache, seq_idx)
+            final = update.final_state() if return_final_states else None   # before the write
+            update.commit()
+            return (y, final) if return_final_states else y
+        # The memory-efficient path keeps only each span's input u and recomputes the block
+        # (in_proj, conv, scan, norm, out_proj) in backward: the same function, no second copy.
+        checkpoint = self.config.use_mem_eff_path and _recording(u, *self.parameters())
+        y, state, _ = _in_spans(u, self.weights(), initial_states, seq_idx, checkpoint=checkpoint)
         return (y, state) if return_final_states else y
 
-    def _through_cache(self, u, cache: InferenceCache, seq_idx, return_final_states: bool):
-        """The block from the cache's states; the states after u are left in the cache."""
+    def _through_cache(self, u, cache: InferenceCache, seq_idx):
+        """The block from the cache's states, writing nothing: (y, _CacheUpdate). One token takes
+        the constant-time recurrent step."""
         ssm, conv = cache.ssm_state, cache.conv_state
-        if torch.is_grad_enabled():   # the graph keeps the states it started from: give it copies
+        if torch.is_grad_enabled():   # the graph keeps the states it started from: copies
             ssm, conv = ssm.clone(), conv.clone()
-        y, state, conv_state = _in_spans(u, self.weights(), ssm, seq_idx, conv, step_state=ssm)
-        if state is cache.ssm_state:   # the step updated it in place: a returned state must not
-            state = state.clone() if return_final_states else None          # change later
-        else:
-            cache.ssm_state.copy_(state.detach())
-        if conv_state is not cache.conv_state:
-            cache.conv_state.copy_(conv_state.detach())
-        return y, state
+        step = u.shape[1] == 1 and seq_idx is None
+        y, new_ssm, new_conv = _in_spans(u, self.weights(), ssm, seq_idx, conv, step=step)
+        return y, _CacheUpdate(cache, new_ssm, new_conv, ssm)
 
     def _check_inputs(self, u, seq_idx, cu_seqlens, initial_states, cache):
         cfg = self.config
         _check_tensor("u", u, (None, None, cfg.d_model), floating=True)
         b, l, _ = u.shape
-        if l < 1:
-            raise ValueError(f"u must hold at least one token, got shape {tuple(u.shape)}")
+        if l < 1 or b < 1:
+            raise ValueError(f"u must hold at least one sequence of one token, got shape "
+                             f"{tuple(u.shape)}")
         if not torch.is_autocast_enabled(u.device.type) and u.dtype != self.in_proj.weight.dtype:
             raise TypeError(f"u has dtype {u.dtype} but the layer's weights are "
                             f"{self.in_proj.weight.dtype}")
@@ -1010,26 +1365,19 @@ class Mamba2(nn.Module):
             if b != 1:
                 raise ValueError(f"cu_seqlens packs sequences into batch size 1, got u of batch "
                                  f"size {b}")
-            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens.to(u.device), l)
+            seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, l)
+            if seq_idx.device != u.device:
+                seq_idx = seq_idx.to(u.device)
         if seq_idx is not None:
             _check_seq_idx(seq_idx, b, l, u.device)
         shape = (b, cfg.nheads, cfg.headdim, cfg.d_state)
         if initial_states is not None:
             _check_tensor("initial_states", initial_states, shape, floating=True, device=u.device)
         if cache is not None:
-            if not isinstance(cache, InferenceCache):
-                raise TypeError(f"cache must be an InferenceCache, got {type(cache).__name__}")
             if initial_states is not None:
                 raise ValueError("pass either initial_states or a cache (whose ssm_state is the "
                                  "start), not both")
-            _check_tensor("cache.ssm_state", cache.ssm_state, shape, floating=True, device=u.device)
-            dtype = self.in_proj.weight.dtype
-            if cache.ssm_state.dtype != dtype or cache.conv_state.dtype != dtype:
-                raise TypeError(f"cache has dtype {cache.ssm_state.dtype}/{cache.conv_state.dtype}"
-                                f", the layer runs in {dtype}; allocate it with "
-                                f"allocate_inference_cache")
-            _check_tensor("cache.conv_state", cache.conv_state, (b, cfg.conv_dim, cfg.d_conv),
-                          floating=True, device=u.device)
+            _check_cache("cache", cache, cfg, b, self.in_proj.weight.dtype, u.device)
         elif initial_states is None and cfg.learnable_init_states:
             initial_states = self.init_states.expand(b, *self.init_states.shape)
         return seq_idx, initial_states
@@ -1046,6 +1394,29 @@ class Mamba2(nn.Module):
         return cache
 
 
+def _check_cache(name: str, cache, cfg: Mamba2Config, b: int, dtype, device):
+    """A cache this block can start from and write to: shapes, dtype, device and writability, all
+    checked before anything is written."""
+    if not isinstance(cache, InferenceCache):
+        raise TypeError(f"{name} must be an InferenceCache (see allocate_inference_cache), got "
+                        f"{type(cache).__name__}")
+    _check_tensor(f"{name}.ssm_state", cache.ssm_state, (b, cfg.nheads, cfg.headdim, cfg.d_state),
+                  floating=True, device=device)
+    _check_tensor(f"{name}.conv_state", cache.conv_state, (b, cfg.conv_dim, cfg.d_conv),
+                  floating=True, device=device)
+    if cache.ssm_state.dtype != dtype or cache.conv_state.dtype != dtype:
+        raise TypeError(f"{name} has dtype {cache.ssm_state.dtype}/{cache.conv_state.dtype}, the "
+                        f"layer runs in {dtype}; allocate it with allocate_inference_cache")
+    for part in ("ssm_state", "conv_state"):
+        _check_writable(f"{name}.{part}", getattr(cache, part))
+    if _shares_memory(cache.ssm_state, cache.conv_state):
+        raise ValueError(f"{name}.ssm_state and {name}.conv_state share memory")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.numel() > 0
+
+
 def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D,
                                      chunk_size, initial_states=None, seq_idx=None,
                                      dt_limit=(0.0, float("inf")), return_final_states=False,
@@ -1055,27 +1426,92 @@ def mamba_split_conv1d_scan_combined(zxbcdt, conv1d_weight, conv1d_bias, dt_bias
     """The official fused path: split -> causal conv -> SSD scan -> gate/norm -> out projection.
 
     zxbcdt: (b, l, d_in_proj), the in_proj output laid out [z0, x0, z, xBC, dt]; conv1d_weight:
-    (conv_dim, w) or (conv_dim, 1, w); A: (h,); D: (h,) or (d_ssm,). Returns out (b, l, d_model)
-    — or (b, l, d_inner) without outproj_weight — and, with return_final_states, the final SSM
-    state (b, h, p, n). Same arguments and meaning as `mamba_ssm.ops.triton.ssd_combined`.
+    (conv_dim, w) or (conv_dim, 1, w); A: (h,); D: (h,), (d_ssm,) or (h, headdim) — with
+    headdim=None, D must be (h, headdim) and gives it, as official Mamba2 calls this with
+    D_has_hdim. Returns out (b, l, d_model) — or (b, l, d_inner) without outproj_weight — and,
+    with return_final_states, the final SSM state (b, h, p, n). Same arguments and meaning as
+    `mamba_ssm.ops.triton.ssd_combined`.
     """
     if activation not in ("silu", "swish"):
         raise ValueError(f"activation must be 'silu' (the only one official Mamba-2 uses), "
                          f"got {activation!r}")
-    if headdim is None:
-        raise TypeError("mamba_split_conv1d_scan_combined: headdim is required")
-    if conv1d_weight.dim() == 2:
-        conv1d_weight = conv1d_weight.unsqueeze(1)
-    nheads = dt_bias.shape[0]
-    if D is not None and D.dim() == 1 and D.shape[0] == nheads * headdim and headdim > 1:
-        D = D.view(nheads, headdim)                                          # D_has_hdim
-    w = BlockWeights(conv_weight=conv1d_weight, conv_bias=conv1d_bias, dt_bias=dt_bias, A=A, D=D,
-                     dt_limit=dt_limit, chunk_size=chunk_size, headdim=headdim, ngroups=ngroups,
-                     norm_weight=rmsnorm_weight, norm_eps=rmsnorm_eps,
-                     norm_before_gate=norm_before_gate, out_proj_weight=outproj_weight,
-                     out_proj_bias=outproj_bias)
+    w = _combined_weights(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                          dt_limit, rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias,
+                          headdim, ngroups, norm_before_gate)
+    b, l, _ = zxbcdt.shape
+    if initial_states is not None:
+        _check_tensor("initial_states", initial_states, (b, w.nheads, w.headdim, w.d_state),
+                      floating=True, device=zxbcdt.device)
+    if seq_idx is not None:
+        _check_seq_idx(seq_idx, b, l, zxbcdt.device)
     out, final_state, _ = _in_spans(zxbcdt, w, initial_states, seq_idx)
     return (out, final_state) if return_final_states else out
+
+
+def _combined_weights(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, dt_limit,
+                      rmsnorm_weight, rmsnorm_eps, outproj_weight, outproj_bias, headdim, ngroups,
+                      norm_before_gate) -> BlockWeights:
+    """mamba_split_conv1d_scan_combined's arguments, checked for consistent sizes, as a
+    BlockWeights."""
+    _check_tensor("zxbcdt", zxbcdt, (None, None, None), floating=True)
+    b, l, d_in_proj = zxbcdt.shape
+    if b < 1 or l < 1:
+        raise ValueError(f"zxbcdt must hold at least one token, got shape {tuple(zxbcdt.shape)}")
+    device = zxbcdt.device
+    _check_tensor("dt_bias", dt_bias, (None,), floating=True, device=device)
+    h = dt_bias.shape[0]
+    if headdim is None:
+        if not isinstance(D, torch.Tensor) or D.dim() != 2:
+            raise TypeError("headdim is required unless D has shape (nheads, headdim)")
+        headdim = D.shape[1]
+    _check_int("headdim", headdim)
+    _check_int("ngroups", ngroups)
+    _check_int("chunk_size", chunk_size)
+    _check_dt_limit(dt_limit)
+    d_ssm = h * headdim
+    if isinstance(conv1d_weight, torch.Tensor) and conv1d_weight.dim() == 2:
+        conv1d_weight = conv1d_weight.unsqueeze(1)
+    _check_tensor("conv1d_weight", conv1d_weight, (None, 1, None), floating=True, device=device)
+    conv_dim = conv1d_weight.shape[0]
+    rest = conv_dim - d_ssm
+    if h % ngroups or rest <= 0 or rest % (2 * ngroups):
+        raise ValueError(f"ngroups = {ngroups} does not fit: it must divide nheads = {h}, and the "
+                         f"conv_dim = {conv_dim} channels of conv1d_weight minus d_ssm = nheads * "
+                         f"headdim = {d_ssm} must be 2 * ngroups * d_state")
+    d_state = rest // (2 * ngroups)
+    extra = d_in_proj - (2 * d_ssm + 2 * ngroups * d_state + h)
+    if extra < 0 or extra % 2:
+        raise ValueError(f"zxbcdt has {d_in_proj} channels; [z0, x0, z, xBC, dt] needs 2 * d_mlp "
+                         f"+ {2 * d_ssm + 2 * ngroups * d_state + h} for nheads {h}, headdim "
+                         f"{headdim}, ngroups {ngroups}, d_state {d_state}")
+    if conv1d_bias is not None:
+        _check_tensor("conv1d_bias", conv1d_bias, (conv_dim,), floating=True, device=device)
+    _check_tensor("A", A, (h,), floating=True, device=device)
+    if D is not None:
+        if not isinstance(D, torch.Tensor):
+            raise TypeError(f"D must be a torch.Tensor or None, got {type(D).__name__}")
+        if D.dim() == 1 and D.shape[0] == d_ssm and headdim > 1:
+            D = D.view(h, headdim)                                         # D_has_hdim
+        _check_tensor("D", D, (h,) if D.dim() <= 1 else (h, headdim), floating=True,
+                      device=device)
+    if rmsnorm_weight is not None:
+        _check_tensor("rmsnorm_weight", rmsnorm_weight, (d_ssm,), floating=True, device=device)
+        if isinstance(rmsnorm_eps, bool) or not isinstance(rmsnorm_eps, (int, float)) or \
+                not 0 < rmsnorm_eps < math.inf:
+            raise ValueError(f"rmsnorm_eps must be a finite number > 0, got {rmsnorm_eps!r}")
+    if outproj_weight is not None:
+        _check_tensor("outproj_weight", outproj_weight, (None, d_ssm + extra // 2),
+                      floating=True, device=device)
+        if outproj_bias is not None:
+            _check_tensor("outproj_bias", outproj_bias, (outproj_weight.shape[0],),
+                          floating=True, device=device)
+    if not isinstance(norm_before_gate, bool):
+        raise TypeError(f"norm_before_gate must be a bool, got {norm_before_gate!r}")
+    return BlockWeights(conv_weight=conv1d_weight, conv_bias=conv1d_bias, dt_bias=dt_bias, A=A,
+                        D=D, dt_limit=tuple(float(v) for v in dt_limit), chunk_size=chunk_size,
+                        headdim=headdim, ngroups=ngroups, norm_weight=rmsnorm_weight,
+                        norm_eps=rmsnorm_eps, norm_before_gate=norm_before_gate,
+                        out_proj_weight=outproj_weight, out_proj_bias=outproj_bias)
 
 
 # ==================================================================================== 7. the model
@@ -1118,9 +1554,14 @@ class Block(nn.Module):
         hidden = norm(residual.to(norm.weight.dtype))
         return hidden, residual.float() if self.residual_in_fp32 else residual
 
-    def forward(self, hidden, residual=None, cache=None, seq_idx=None):
+    def forward(self, hidden, residual=None, cache=None, seq_idx=None, pending=None):
+        """With a cache, the mixer's cache update is appended to `pending`, not written."""
         hidden, residual = self._add_norm(self.norm, hidden, residual)
-        hidden = self.mixer(hidden, seq_idx=seq_idx, cache=cache)
+        if cache is None:
+            hidden = self.mixer(hidden, seq_idx=seq_idx)
+        else:
+            hidden, update = self.mixer._through_cache(hidden, cache, seq_idx)
+            pending.append(update)
         if hasattr(self, "mlp"):
             hidden, residual = self._add_norm(self.norm2, hidden, residual)
             hidden = self.mlp(hidden)
@@ -1140,20 +1581,28 @@ class Mamba2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[list] = None,
                 seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden, pending = self._forward(input_ids, cache, seq_idx)
+        for update in pending:                  # every layer has run: now the caches move on
+            update.commit()
+        return hidden
+
+    def _forward(self, input_ids, cache, seq_idx):
+        """The hidden states and the caches' updates, none of them written yet."""
         self._check_inputs(input_ids, cache, seq_idx)
-        hidden, residual = self.embedding(input_ids), None                   # (b, l, d_model)
+        hidden, residual, pending = self.embedding(input_ids), None, []    # (b, l, d_model)
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, cache=None if cache is None else cache[i],
-                                     seq_idx=seq_idx)
+            hidden, residual = layer(hidden, residual, None if cache is None else cache[i],
+                                     seq_idx, pending)
         residual = hidden if residual is None else hidden + residual
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return self.norm_f(residual.to(self.norm_f.weight.dtype)), pending
 
     def _check_inputs(self, input_ids, cache, seq_idx):
         device = self.embedding.weight.device
-        _check_tensor("input_ids", input_ids, (None, None), floating=False, device=device)
+        _check_tensor("input_ids", input_ids, (None, None), device=device,
+                      dtypes=(torch.int64, torch.int32))
         b, l = input_ids.shape
-        if l < 1:
-            raise ValueError(f"input_ids must hold at least one token, got shape "
+        if l < 1 or b < 1:
+            raise ValueError(f"input_ids must hold at least one sequence of one token, got shape "
                              f"{tuple(input_ids.shape)}")
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()                 # one host sync
         if lo < 0 or hi >= self.config.vocab_size:
@@ -1170,17 +1619,13 @@ class Mamba2Model(nn.Module):
                             f"allocate_inference_cache), got {type(cache).__name__}{got}")
         dtype = self.embedding.weight.dtype
         for i, layer in enumerate(self.layers):
-            c = cache[i]
-            if not isinstance(c, InferenceCache):
-                raise TypeError(f"cache[{i}] must be an InferenceCache, got {type(c).__name__}")
-            if c.ssm_state.dtype != dtype or c.conv_state.dtype != dtype:
-                raise TypeError(f"cache[{i}] has dtype {c.ssm_state.dtype}, the model runs in "
-                                f"{dtype}")
-            cfg = layer.mixer.config
-            _check_tensor(f"cache[{i}].conv_state", c.conv_state, (b, cfg.conv_dim, cfg.d_conv),
-                          device=input_ids.device)
-            _check_tensor(f"cache[{i}].ssm_state", c.ssm_state,
-                          (b, cfg.nheads, cfg.headdim, cfg.d_state), device=input_ids.device)
+            _check_cache(f"cache[{i}]", cache[i], layer.mixer.config, b, dtype, input_ids.device)
+        tensors = [(i, t) for i, c in enumerate(cache) for t in (c.ssm_state, c.conv_state)]
+        for k, (i, t) in enumerate(tensors):
+            for j, other in tensors[k + 1:]:
+                if j != i and _shares_memory(t, other):
+                    raise ValueError(f"cache[{i}] and cache[{j}] share memory: each layer needs a "
+                                     f"cache of its own (allocate_inference_cache)")
 
     def allocate_inference_cache(self, batch_size: int, dtype=None) -> list:
         dtype = dtype or self.embedding.weight.dtype
@@ -1231,22 +1676,29 @@ class Mamba2LMHeadModel(nn.Module):
         and the distribution is over the vocab_size real tokens (the vocabulary padding is never a
         target, nor sampled by generate). It is computed without the logits (_LinearCrossEntropy):
         a fraction of the memory of a loss on returned logits, at about the same speed."""
-        if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or \
-                num_last_tokens < 0:
-            raise ValueError(f"num_last_tokens must be an int >= 0, got {num_last_tokens!r}")
+        _check_tensor("input_ids", input_ids, (None, None), device=self.device,
+                      dtypes=(torch.int64, torch.int32))
+        _check_int("num_last_tokens", num_last_tokens, minimum=0)
+        if num_last_tokens > input_ids.shape[1]:
+            raise ValueError(f"num_last_tokens must be at most the length of input_ids "
+                             f"({input_ids.shape[1]}), got {num_last_tokens}")
         if labels is not None:
             _check_labels(labels, input_ids, self.config.vocab_size)
             if num_last_tokens:
                 raise ValueError(f"labels take the loss over every position; num_last_tokens "
                                  f"must be 0, got {num_last_tokens}")
-        hidden = self.backbone(input_ids, cache=cache, seq_idx=seq_idx)      # (b, l, d_model)
+        hidden, pending = self.backbone._forward(input_ids, cache, seq_idx)   # (b, l, d_model)
         if labels is not None:
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)    # (b, l): the next token, or none
-            return _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight,
-                                             targets.flatten(), -100, self.config.vocab_size)
-        if num_last_tokens > 0:
-            hidden = hidden[:, -num_last_tokens:]                  # logits only where needed
-        return self.lm_head(hidden)                                # (b, l', padded vocab)
+            out = _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight,
+                                            targets.flatten(), -100, self.config.vocab_size)
+        else:
+            if num_last_tokens > 0:
+                hidden = hidden[:, -num_last_tokens:]              # logits only where needed
+            out = self.lm_head(hidden)                             # (b, l', padded vocab)
+        for update in pending:                  # the whole call has succeeded: caches move on
+            update.commit()
+        return out
 
     def allocate_inference_cache(self, batch_size: int, dtype=None) -> list:
         """One InferenceCache per layer, accepted (and updated in place) by forward(cache=...)."""
@@ -1265,15 +1717,16 @@ class Mamba2LMHeadModel(nn.Module):
         """Load a checkpoint in the mamba_ssm format (config.json + pytorch_model.bin, e.g.
         state-spaces/mamba2-130m) or the transformers format (model_type "mamba2",
         model.safetensors, maybe sharded), from a local directory or a hub id. Tensors are
-        memory-mapped and converted one at a time into `dtype` (default: the checkpoint's);
-        nothing is unpickled beyond plain tensors."""
+        memory-mapped and converted one at a time to `device` and `dtype` (a torch.dtype or its
+        name, e.g. "bfloat16"); by default the checkpoint's dtype — for a file mixing dtypes
+        (state-spaces/mamba2-2.7b holds fp16 and fp32 tensors) the one most of its weights have.
+        Nothing is unpickled beyond plain tensors, and no file outside the checkpoint is read."""
+        dtype, device = _as_dtype(dtype), _as_device(device)
         path = resolve_checkpoint(name_or_path)
         config, fmt = read_checkpoint_config(path)
         with torch.device("meta"):
             model = cls(config)
-        device = torch.device(device) if device is not None else torch.device("cpu")
-        tensors = load_checkpoint_tensors(path,
-                                          lambda t: t.to(device=device, dtype=dtype or t.dtype))
+        tensors = load_checkpoint_tensors(path, device=device, dtype=dtype)
         if fmt == "transformers" and "backbone.embeddings.weight" in tensors:
             tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
         expected = dict(model.state_dict())
@@ -1295,20 +1748,45 @@ class Mamba2LMHeadModel(nn.Module):
         model.tie_weights()
         return model.eval()
 
-    def save_pretrained(self, directory: Union[str, os.PathLike]):
-        """Write config.json (mamba_ssm format) + model.safetensors; from_pretrained reads them back
-        exactly."""
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for pattern in ("model*.safetensors*", "pytorch_model*.bin*"):   # an earlier save's weights
-            for stale in directory.glob(pattern):                        # would shadow ours on load
-                stale.unlink()
-        config = config_to_mamba_ssm(self.config)
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()
-                 if not (self.config.tie_embeddings and k == "lm_head.weight")}
-        save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    def save_pretrained(self, directory: Union[str, os.PathLike], format: str = "mamba_ssm",
+                        max_shard_size: Union[int, str] = "5GB"):
+        """Write a checkpoint that from_pretrained reads back exactly, atomically: every file is
+        written under a temporary name in `directory`, synced, then renamed into place, so a
+        failure at any point (a full disk, say) leaves the earlier checkpoint as it was.
+
+        format="mamba_ssm" (default): what the official code reads — config.json with the official
+        keys only (MambaConfig(**json) accepts it) and pytorch_model.bin, plus model.safetensors.
+        format="transformers": config.json + model.safetensors (sharded above max_shard_size, with
+        model.safetensors.index.json) for transformers.Mamba2ForCausalLM.from_pretrained.
+        format="full": every Mamba2Config field (read by this library only) + model.safetensors.
+        A setting a format cannot express is refused before anything is written. Weight files of
+        an earlier checkpoint in `directory` (the standard names, and what their index names) are
+        removed; other files are never touched."""
+        formats = ("mamba_ssm", "transformers", "full")
+        if format not in formats:
+            raise ValueError(f"format must be one of {formats}, got {format!r}")
+        if not isinstance(directory, (str, os.PathLike)):
+            raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
+        directory = Path(directory).expanduser()
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"directory {str(directory)!r} exists and is not a directory")
+        state = _state_to_save(self)
+        if format == "transformers":
+            config = config_to_transformers(self.config, self.dtype)
+            state = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v
+                     for k, v in state.items() if not (self.config.tie_embeddings and
+                                                       k == "lm_head.weight")}
+            files = _safetensors_files(state, _byte_count(max_shard_size))
+        else:
+            config = config_to_mamba_ssm(self.config, official=format == "mamba_ssm")
+            lean = {k: v for k, v in state.items()
+                    if not (self.config.tie_embeddings and k == "lm_head.weight")}
+            files = _safetensors_files(lean, None)
+            if format == "mamba_ssm":   # the official file: every tensor, the tied head included
+                files["pytorch_model.bin"] = functools.partial(torch.save, state)
+        files["config.json"] = _json_writer(config)
+        _write_checkpoint(directory, files)
+
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20,
@@ -1353,7 +1831,8 @@ class Mamba2ForSequenceClassification(nn.Module):
 
 
 def _check_labels(labels, input_ids, vocab_size: int):
-    _check_tensor("labels", labels, tuple(input_ids.shape), floating=False, device=input_ids.device)
+    _check_tensor("labels", labels, tuple(input_ids.shape), device=input_ids.device,
+                  dtypes=(torch.int64, torch.int32))
     if (((labels < 0) & (labels != -100)) | (labels >= vocab_size)).any():
         raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100 (ignored)")
 
@@ -1367,11 +1846,11 @@ def _check_attention_mask(attention_mask, input_ids, contiguous_only=False, left
     mask = attention_mask.bool()
     if not mask.any(1).all():
         raise ValueError("attention_mask has a row with no real token")
-    changes = (mask[:, 1:] != mask[:, :-1]).sum(1)
-    if left_only and ((mask[:, 1:].int() - mask[:, :-1].int()) < 0).any():
+    if left_only and (mask[:, :-1] & ~mask[:, 1:]).any():
         raise ValueError("attention_mask must be left padding (each row 0...0 1...1); pad prompts "
                          "on the left")
-    if contiguous_only and (changes > 2).any():
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]               # (b,) runs of 1s
+    if contiguous_only and (runs != 1).any():
         raise ValueError("attention_mask must hold one contiguous run of 1s per row (left or right "
                          "padding)")
     return mask
@@ -1393,7 +1872,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, vocab):
-        n, full, hidden_dtype = hidden.shape[0], weight, hidden.dtype
+        n, full, hidden_in, hidden_dtype = hidden.shape[0], weight, hidden, hidden.dtype
         cdt = _compute_dtype(weight.dtype)
         device = hidden.device.type
         if torch.is_autocast_enabled(device):   # products in the autocast dtype, as lm_head's
@@ -1424,14 +1903,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     dweight[:vocab].addmm_(g.t(), h.to(cdt))
                 if dhidden is not None:
                     torch.matmul(g.to(weight.dtype), weight, out=dhidden[start:start + chunk])
-        ctx.save_for_backward(None if dhidden is None else dhidden.to(hidden_dtype), dweight)
-        ctx.weight_dtype = full.dtype
+        ctx.save_for_backward(None if dhidden is None else dhidden.to(hidden_dtype), dweight,
+                              hidden_in, full, targets)
+        ctx.weight_dtype, ctx.ignore_index, ctx.vocab = full.dtype, ignore_index, vocab
         return total * scale
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dloss):
-        dhidden, dweight = ctx.saved_tensors
+        dhidden, dweight, hidden, weight, targets = ctx.saved_tensors
+        if torch.is_grad_enabled():   # create_graph: the loss re-run on the logits, recorded
+            logits = (hidden @ weight[:ctx.vocab].t()).to(_compute_dtype(weight.dtype))
+            loss = F.cross_entropy(logits, targets, ignore_index=ctx.ignore_index)
+            return _grad_of_recorded((loss,), (dloss,), (hidden, weight),
+                                     ctx.needs_input_grad) + (None, None, None)
         dhidden = None if dhidden is None else dhidden * dloss.to(dhidden.dtype)
         dweight = None if dweight is None else (dweight * dloss).to(ctx.weight_dtype)
         return dhidden, dweight, None, None, None
@@ -1466,64 +1950,132 @@ def resolve_checkpoint(name_or_path) -> Path:
                          f"({type(e).__name__}: {e})") from e
 
 
-_TRANSFORMERS_KEYS = dict(
-    hidden_size="d_model", num_hidden_layers="n_layer", state_size="d_state", head_dim="headdim",
-    n_groups="ngroups", expand="expand", conv_kernel="d_conv", chunk_size="chunk_size",
-    time_step_limit="dt_limit", use_bias="bias", use_conv_bias="conv_bias",
-    residual_in_fp32="residual_in_fp32", tie_word_embeddings="tie_embeddings",
-    layer_norm_epsilon="norm_epsilon", vocab_size="vocab_size", time_step_min="dt_min",
-    time_step_max="dt_max", time_step_floor="dt_init_floor")
+def _inside_checkpoint(directory: Path, name: str) -> Path:
+    """directory / name, refused unless it resolves inside the checkpoint: the directory itself,
+    or for a hub snapshot (…/snapshots/<revision>/) the repository's blobs/ its files link to."""
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise ValueError(f"checkpoint {str(directory)!r} names a weight file {name!r}: only "
+                         f"relative names inside the checkpoint are read")
+    file = directory / name
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    target = file.resolve()
+    if not any(target == root or root in target.parents for root in roots):
+        raise ValueError(f"refusing to read {file}: it resolves to {target}, outside the "
+                         f"checkpoint directory")
+    return file
+
+
+# transformers' Mamba2Config names and defaults (transformers 5), and ours for each
+_TRANSFORMERS_KEYS = {
+    "hidden_size": ("d_model", None), "num_hidden_layers": ("n_layer", 64),
+    "state_size": ("d_state", 128), "head_dim": ("headdim", 64), "n_groups": ("ngroups", 8),
+    "expand": ("expand", 2), "conv_kernel": ("d_conv", 4), "chunk_size": ("chunk_size", 256),
+    "time_step_limit": ("dt_limit", (0.0, math.inf)), "use_bias": ("bias", False),
+    "use_conv_bias": ("conv_bias", True), "residual_in_fp32": ("residual_in_fp32", True),
+    "tie_word_embeddings": ("tie_embeddings", False), "layer_norm_epsilon": ("norm_epsilon", 1e-5),
+    "vocab_size": ("vocab_size", 32768), "time_step_min": ("dt_min", 0.001),
+    "time_step_max": ("dt_max", 0.1), "time_step_floor": ("dt_init_floor", 1e-4),
+}
 _FIELDS = [f.name for f in fields(Mamba2Config)]
 _BLOCK_FIELDS = _FIELDS[:_FIELDS.index("learnable_init_states") + 1]   # d_model .. learnable_init
+# MambaConfig's fields (mamba_ssm.models.config_mamba), and the ones Mamba2Config holds as they are
+_MAMBA_CONFIG_KEYS = ("d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                      "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                      "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings")
 _LM_KEYS = ("d_model", "n_layer", "d_intermediate", "vocab_size", "pad_vocab_size_multiple",
-            "tie_embeddings", "residual_in_fp32", "rms_norm", "norm_epsilon")
+            "tie_embeddings", "residual_in_fp32", "rms_norm")
 
 
 def read_checkpoint_config(path: Path):
-    """config.json -> (Mamba2Config, 'mamba_ssm' | 'transformers')."""
-    file = Path(path) / "config.json"
+    """config.json -> (Mamba2Config, 'mamba_ssm' | 'transformers'), read as the official code or
+    transformers reads it (their defaults for missing keys). Errors name the file and the key."""
+    file = _inside_checkpoint(Path(path), "config.json")
     if not file.is_file():
         raise ValueError(f"checkpoint {str(path)!r} has no config.json")
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text: {e}") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"{file} is not valid JSON: {e}") from e
-    if raw.get("model_type") == "mamba2":
-        kw = {ours: raw[theirs] for theirs, ours in _TRANSFORMERS_KEYS.items() if theirs in raw}
-        if "dt_limit" in kw:   # transformers 5 writes infinity as {"__float__": "Infinity"}
-            kw["dt_limit"] = [float(v["__float__"]) if isinstance(v, dict) else v
-                              for v in kw["dt_limit"]]
-        d_inner = raw.get("expand", 2) * raw["hidden_size"]
-        if "num_heads" in raw and raw["num_heads"] * kw.get("headdim", 64) != d_inner:
-            raise ValueError(f"{file}: num_heads * head_dim must equal expand * hidden_size "
-                             f"({d_inner})")
-        # transformers never pads the vocabulary and always gates before normalising
-        kw.update(pad_vocab_size_multiple=1, norm_before_gate=False,
-                  rms_norm=raw.get("rms_norm", True))
-        kw.setdefault("tie_embeddings", False)   # transformers' Mamba2Config default
-        return Mamba2Config(**kw), "transformers"
-    if "d_model" in raw and "n_layer" in raw:
-        ssm_cfg = dict(raw.get("ssm_cfg") or {})
-        layer = ssm_cfg.pop("layer", "Mamba2")
-        if layer != "Mamba2":
-            raise ValueError(f"{file}: ssm_cfg.layer is {layer!r}; this library implements Mamba2 "
-                             f"only")
-        if raw.get("attn_layer_idx"):
-            raise ValueError(f"{file}: hybrid checkpoints with attention layers (attn_layer_idx="
-                             f"{raw['attn_layer_idx']}) are not supported")
-        unknown = sorted(set(ssm_cfg) - set(_BLOCK_FIELDS))
-        if unknown:
-            raise ValueError(f"{file}: unknown ssm_cfg fields {unknown}")
-        kw = {k: raw[k] for k in _LM_KEYS if k in raw}
-        block = {k: v for k, v in ssm_cfg.items() if k != "d_model"}
-        return Mamba2Config(**kw, **block), "mamba_ssm"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(raw).__name__}")
+    try:
+        if raw.get("model_type") == "mamba2":
+            return _config_from_transformers(raw), "transformers"
+        if "d_model" in raw and "n_layer" in raw:
+            return _config_from_mamba_ssm(raw), "mamba_ssm"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: {e}") from e
     raise ValueError(f"{file}: unknown checkpoint format (expected mamba_ssm keys d_model/n_layer/"
                      f"ssm_cfg or transformers model_type 'mamba2', got keys {sorted(raw)[:12]})")
 
 
-def config_to_mamba_ssm(config: Mamba2Config) -> dict:
-    """Mamba2Config -> an official-style config.json dict (block fields that differ from their
-    defaults go to ssm_cfg)."""
+def _config_from_transformers(raw: dict) -> Mamba2Config:
+    if "hidden_size" not in raw:
+        raise ValueError("a transformers Mamba-2 config needs the key 'hidden_size'")
+    kw = {ours: raw.get(theirs, default) for theirs, (ours, default) in _TRANSFORMERS_KEYS.items()}
+    limit = kw["dt_limit"]   # transformers 5 writes infinity as {"__float__": "Infinity"}
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2 or any(v is None for v in limit):
+        raise ValueError(f"key 'time_step_limit' must be a pair of numbers, got {limit!r}")
+    kw["dt_limit"] = [float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else v
+                      for v in limit]
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"key 'hidden_act' is {raw['hidden_act']!r}; Mamba-2 uses silu")
+    d_inner = kw["expand"] * kw["d_model"] if all(
+        isinstance(kw[k], int) for k in ("expand", "d_model")) else None
+    heads = raw.get("num_heads", 128)
+    if d_inner is not None and isinstance(heads, int) and isinstance(kw["headdim"], int) and \
+            heads * kw["headdim"] != d_inner:
+        raise ValueError(f"keys 'num_heads' * 'head_dim' ({heads} * {kw['headdim']}) must equal "
+                         f"'expand' * 'hidden_size' ({d_inner})")
+    if kw["norm_epsilon"] != 1e-5:   # transformers' gated norm takes it too; the block's is 1e-5
+        raise ValueError(f"key 'layer_norm_epsilon' = {kw['norm_epsilon']!r}: transformers uses "
+                         f"it in each block's gated norm too, which here is 1e-5 as official")
+    # transformers never pads the vocabulary and always gates before normalising
+    return Mamba2Config(**kw, pad_vocab_size_multiple=1, norm_before_gate=False)
+
+
+def _config_from_mamba_ssm(raw: dict) -> Mamba2Config:
+    known = set(_MAMBA_CONFIG_KEYS) | {"norm_epsilon"}    # norm_epsilon: format="full"
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown keys {unknown} (MambaConfig has {list(_MAMBA_CONFIG_KEYS)})")
+    ssm_cfg = raw.get("ssm_cfg", {})
+    if not isinstance(ssm_cfg, dict):
+        raise ValueError(f"key 'ssm_cfg' must be an object, got {ssm_cfg!r}")
+    ssm_cfg = dict(ssm_cfg)
+    layer = ssm_cfg.pop("layer", None)
+    if layer != "Mamba2":
+        what = "has no 'layer', which the official code reads as Mamba1" if layer is None else \
+            f"'layer' is {layer!r}"
+        raise ValueError(f"key 'ssm_cfg' {what}; this library implements Mamba2 only")
+    if raw.get("attn_layer_idx"):
+        raise ValueError(f"hybrid checkpoints with attention layers (attn_layer_idx="
+                         f"{raw['attn_layer_idx']}) are not supported")
+    unknown = sorted(set(ssm_cfg) - set(_BLOCK_FIELDS[1:]))
+    if unknown:
+        raise ValueError(f"unknown ssm_cfg fields {unknown}")
+    kw = {k: raw[k] for k in _LM_KEYS if k in raw}
+    kw.setdefault("pad_vocab_size_multiple", 8)                # MambaConfig's default
+    if "norm_epsilon" in raw:
+        kw["norm_epsilon"] = raw["norm_epsilon"]
+    return Mamba2Config(**kw, **ssm_cfg)
+
+
+def config_to_mamba_ssm(config: Mamba2Config, official: bool = True) -> dict:
+    """Mamba2Config -> config.json in the mamba_ssm layout (block fields that differ from their
+    defaults go to ssm_cfg). official=True writes MambaConfig's keys only and refuses what the
+    official code cannot express; official=False keeps every field (format="full")."""
+    if official:
+        if config.learnable_init_states:
+            raise ValueError("learnable_init_states cannot be expressed in the official mamba_ssm "
+                             "format (its Mamba2 has no such option); save with format='full'")
+        if config.norm_epsilon != 1e-5:
+            raise ValueError(f"norm_epsilon = {config.norm_epsilon} cannot be expressed in the "
+                             f"official mamba_ssm format (it fixes 1e-5); save with format='full'")
     defaults = {f.name: f.default for f in fields(Mamba2Config)}
     ssm_cfg = {"layer": "Mamba2"}
     for name in _BLOCK_FIELDS[1:]:
@@ -1534,43 +2086,102 @@ def config_to_mamba_ssm(config: Mamba2Config) -> dict:
             ssm_cfg[name] = list(value) if isinstance(value, tuple) else value
     out = {k: getattr(config, k) for k in _LM_KEYS}
     out.update(ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, fused_add_norm=True)
-    return out
+    if not official:
+        out["norm_epsilon"] = config.norm_epsilon
+    return {k: out[k] for k in _MAMBA_CONFIG_KEYS + (() if official else ("norm_epsilon",))}
 
 
-def load_checkpoint_tensors(path: Path, convert=None) -> dict:
-    """All weight tensors of a checkpoint directory, memory-mapped, unpickling nothing but tensors.
+def config_to_transformers(config: Mamba2Config, dtype: torch.dtype) -> dict:
+    """Mamba2Config -> a transformers Mamba2Config dict; what transformers' Mamba2 cannot express
+    (its block has no MLP branch, no per-channel D, gates before its grouped norm) is refused."""
+    cannot = [("d_ssm < d_inner", config.d_ssm != config.d_inner),
+              ("norm_before_gate=True", config.norm_before_gate),
+              ("rmsnorm=False", not config.rmsnorm), ("D_has_hdim=True", config.D_has_hdim),
+              ("rms_norm=False (LayerNorm)", not config.rms_norm),
+              ("d_intermediate > 0 (a GatedMLP)", config.d_intermediate > 0),
+              ("learnable_init_states=True", config.learnable_init_states),
+              (f"norm_epsilon = {config.norm_epsilon} (its gated norm would use it too)",
+               config.norm_epsilon != 1e-5)]
+    refused = [what for what, bad in cannot if bad]
+    if refused:
+        raise ValueError(f"transformers' Mamba2 cannot express {', '.join(refused)}; save with "
+                         f"format='mamba_ssm' or 'full'")
+    return dict(
+        model_type="mamba2", architectures=["Mamba2ForCausalLM"], hidden_size=config.d_model,
+        num_hidden_layers=config.n_layer, state_size=config.d_state, head_dim=config.headdim,
+        num_heads=config.nheads, n_groups=config.ngroups, expand=config.expand,
+        conv_kernel=config.d_conv, chunk_size=config.chunk_size,
+        time_step_limit=list(config.dt_limit), time_step_min=config.dt_min,
+        time_step_max=config.dt_max, time_step_floor=config.dt_init_floor, use_bias=config.bias,
+        use_conv_bias=config.conv_bias, residual_in_fp32=config.residual_in_fp32,
+        tie_word_embeddings=config.tie_embeddings, layer_norm_epsilon=config.norm_epsilon,
+        vocab_size=config.padded_vocab_size, hidden_act="silu",
+        dtype=str(dtype).removeprefix("torch."))
 
-    `convert` (e.g. a dtype/device cast) is applied to each tensor as it is read, so a checkpoint is
-    never held in memory twice (say, in fp32 and in bf16)."""
-    path = Path(path)
-    candidates = ["model.safetensors.index.json", "model.safetensors",
-                  "pytorch_model.bin.index.json", "pytorch_model.bin"]
-    found = next((path / c for c in candidates if (path / c).is_file()), None)
+
+_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                 "pytorch_model.bin.index.json", "pytorch_model.bin")   # in the order they are read
+
+
+def _weight_files(path: Path) -> list:
+    """The weight files of a checkpoint directory, each inside it (see _inside_checkpoint)."""
+    found = next((name for name in _WEIGHT_FILES if (path / name).is_file()), None)
     if found is None:
         raise ValueError(f"checkpoint {str(path)!r} has no weights (looked for "
-                         f"{', '.join(candidates)})")
-    if found.name.endswith(".index.json"):
-        try:
-            shards = sorted(set(json.loads(found.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{found} is not a valid shard index: {e}") from e
-        files = [path / s for s in shards]
-    else:
-        files = [found]
-    tensors = {}
-    for f in files:
-        tensors.update(_load_weight_file(f, convert or (lambda t: t)))
-    return tensors
+                         f"{', '.join(_WEIGHT_FILES)})")
+    if not found.endswith(".index.json"):
+        return [_inside_checkpoint(path, found)]
+    index = _inside_checkpoint(path, found)
+    try:
+        weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+        shards = sorted(set(weight_map.values()), key=str)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid shard index: {e}") from e
+    return [_inside_checkpoint(path, shard) for shard in shards]
 
 
-def _load_weight_file(file: Path, convert) -> dict:
-    if not file.is_file():
-        raise ValueError(f"weight file {file} is missing")
+def load_checkpoint_tensors(path: Path, device=None, dtype=None) -> dict:
+    """All weight tensors of a checkpoint directory, memory-mapped where the format allows,
+    unpickling nothing but tensors, each converted to `device` and `dtype` as it is read (so a
+    checkpoint is never held twice). dtype=None: the floating dtype most of the weights have. A
+    tensor stored in two shards, or a non-floating tensor, is an error naming it."""
+    sources = {}
+    for file in _weight_files(Path(path)):
+        for name, (stored, read) in _lazy_tensors(file).items():
+            if name in sources:
+                raise ValueError(f"tensor {name!r} is stored twice: in {sources[name][0].name} and "
+                                 f"in {file.name}")
+            sources[name] = (file, stored, read)
+    counts = {}
+    for name, (file, stored, _) in sources.items():
+        if not stored[0].is_floating_point:
+            raise ValueError(f"{file}: tensor {name!r} has dtype {stored[0]}; the weights of a "
+                             f"Mamba-2 checkpoint are floating point")
+        counts[stored[0]] = counts.get(stored[0], 0) + stored[1]
+    target = dtype or max(counts, key=counts.get, default=torch.float32)
+    return {name: read().to(device=device, dtype=target) for name, (_, _, read) in sources.items()}
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _lazy_tensors(file: Path) -> dict:
+    """{name: ((dtype, numel), read())} for one weight file, nothing materialised yet."""
     try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
-            with safe_open(str(file), framework="pt") as f:
-                return {k: convert(f.get_tensor(k)) for k in f.keys()}
+            handle = safe_open(str(file), framework="pt")
+            out = {}
+            for k in handle.keys():
+                part = handle.get_slice(k)
+                stored = (_SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8),
+                          math.prod(part.get_shape()))
+                out[k] = (stored, functools.partial(handle.get_tensor, k))
+            return out
         # legacy (non-zip) torch.save files cannot be memory-mapped; weights_only runs no code
         state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
                            weights_only=True)
@@ -1582,7 +2193,134 @@ def _load_weight_file(file: Path, convert) -> dict:
                          f"{type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors")
-    return {k: convert(v) for k, v in state.items()}
+    return {k: ((v.dtype, v.numel()), lambda v=v: v) for k, v in state.items()}
+
+
+def _as_dtype(dtype) -> Optional[torch.dtype]:
+    """None, a floating torch.dtype, or its name ("bfloat16", "float16", "float32", ...)."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype.removeprefix("torch."), None),
+                                             torch.dtype):
+        return _as_dtype(getattr(torch, dtype.removeprefix("torch.")))
+    raise TypeError(f"dtype must be None, a floating torch.dtype or its name (e.g. 'bfloat16'), "
+                    f"got {dtype!r}")
+
+
+def _as_device(device) -> torch.device:
+    """A torch.device that exists here (default: the CPU)."""
+    if device is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(device)
+        torch.empty(0, device=device)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+        raise ValueError(f"device {str(device)!r} is not available here: {e}") from e
+    return device
+
+
+def _state_to_save(model: nn.Module) -> dict:
+    """The state dict, detached and contiguous, checked to be savable before anything is
+    written; tensors that share memory without the config tying them (a hand-tied head) are
+    copied, since safetensors refuses shared tensors."""
+    state, seen = {}, {}
+    for name, t in model.state_dict().items():
+        if t.is_meta:
+            raise ValueError(f"cannot save: tensor {name} is on the meta device (the model has no "
+                             f"weights yet)")
+        t = t.detach().contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        tied = getattr(model, "config", None) is not None and model.config.tie_embeddings and \
+            name == "lm_head.weight"
+        state[name] = t.clone() if key in seen and not tied else t
+        seen.setdefault(key, name)
+    return state
+
+
+def _byte_count(size: Union[int, str]) -> int:
+    units = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20,
+             "GIB": 2 ** 30}
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(size).upper()) \
+        if isinstance(size, str) else None
+    if not match:
+        raise ValueError(f"max_shard_size must be a positive int of bytes or a size like '5GB', "
+                         f"got {size!r}")
+    return int(float(match.group(1)) * units[match.group(2)])
+
+
+def _safetensors_files(state: dict, max_bytes: Optional[int]) -> dict:
+    """{file name: writer(path)}: model.safetensors, or shards named as transformers names them
+    plus model.safetensors.index.json when the tensors exceed max_bytes."""
+    from safetensors.torch import save_file
+
+    def writer(part):
+        return lambda path: save_file(part, str(path), metadata={"format": "pt"})
+
+    shards, size = [{}], 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if max_bytes is not None and shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    if len(shards) == 1:
+        return {"model.safetensors": writer(shards[0])}
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+    files = {name: writer(part) for name, part in zip(names, shards)}
+    files["model.safetensors.index.json"] = _json_writer(index)
+    return files
+
+
+def _json_writer(obj):
+    text = json.dumps(obj, indent=2) + "\n"
+    return lambda path: path.write_text(text, encoding="utf-8")
+
+
+def _write_checkpoint(directory: Path, files: dict):
+    """Write {name: writer(path)} into directory atomically (temporary names, fsync, rename), then
+    remove the earlier checkpoint's weight files that this one does not replace: the standard
+    names in _WEIGHT_FILES and the shards their index names — never anything else."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stale = set()
+    for name in _WEIGHT_FILES:
+        if (directory / name).is_file():
+            stale.add(name)
+            if name.endswith(".index.json"):
+                try:
+                    weight_map = json.loads((directory / name).read_text())["weight_map"]
+                    stale |= {s for s in weight_map.values() if isinstance(s, str)}
+                except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                    pass                                   # a broken index: only itself goes
+    temps = {}
+    try:
+        for name, write in files.items():
+            tmp = directory / f".{name}.{os.getpid()}.tmp"
+            temps[name] = tmp
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        for name in sorted(temps, key=lambda n: n == "config.json"):   # the config last
+            os.replace(temps[name], directory / name)
+        if hasattr(os, "O_DIRECTORY"):
+            fd = os.open(directory, os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        for tmp in temps.values():
+            if tmp.exists():
+                tmp.unlink()
+    for name in stale - set(files):
+        file = directory / name
+        if not os.path.isabs(name) and file.resolve().parent == directory.resolve() and \
+                file.is_file():
+            file.unlink()
 
 
 # =================================================================================== 10. generation
@@ -1607,6 +2345,29 @@ def _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, rep
     for name, value, ok, want in checks:
         if not ok:
             raise ValueError(f"{name} must be {want}, got {value!r}")
+
+
+def _token_ids(name: str, value, vocab: int, single: bool = False) -> list:
+    """None, a token id or (unless single) several, as Python ints in [0, vocab): ints, NumPy
+    integers and integer tensors (0-d, or 1-D for several) are accepted."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor) and value.dim() <= 1 and not value.is_floating_point() and \
+            value.dtype != torch.bool:
+        value = value.tolist()
+    items = [value] if single or not isinstance(value, (list, tuple, set)) else list(value)
+    ids = []
+    for v in items:
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            ids.append(operator.index(v))
+        except TypeError:
+            want = "a token id" if single else "a token id or a list of them"
+            raise TypeError(f"{name} must be {want} (int), got {value!r}") from None
+    if any(not 0 <= t < vocab for t in ids):
+        raise ValueError(f"{name} must lie in [0, vocab_size={vocab}), got {value!r}")
+    return ids
 
 
 def process_logits(logits: torch.Tensor, seen: Optional[torch.Tensor] = None,
@@ -1654,20 +2415,20 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     with the prompt, then with each new (b,) token tensor; end() at the finish. Returns
     (b, l + new) tokens.
     """
-    _check_tensor("input_ids", input_ids, (None, None), floating=False, device=model.device)
+    _check_tensor("input_ids", input_ids, (None, None), device=model.device,
+                  dtypes=(torch.int64, torch.int32))
     _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     b, l = input_ids.shape
     vocab = model.config.vocab_size
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) \
-        else list(eos_token_id)
-    if any(not isinstance(e, int) or isinstance(e, bool) or e < 0 for e in eos):
-        raise ValueError(f"eos_token_id must be an int or a list of ints >= 0, got "
-                         f"{eos_token_id!r}")
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if not isinstance(pad, int) or isinstance(pad, bool) or pad < 0 or \
-            any(t >= vocab for t in eos + [pad]):
-        raise ValueError(f"eos_token_id and pad_token_id must lie in [0, vocab_size={vocab}), "
-                         f"got eos_token_id={eos_token_id!r}, pad_token_id={pad_token_id!r}")
+    eos = _token_ids("eos_token_id", eos_token_id, vocab)
+    if pad_token_id is not None:
+        pad = _token_ids("pad_token_id", pad_token_id, vocab, single=True)[0]
+    else:
+        pad = eos[0] if eos else 0                       # transformers' default: the first eos
+    if streamer is not None and not all(callable(getattr(streamer, m, None))
+                                        for m in ("put", "end")):
+        raise TypeError(f"streamer must have put() and end() methods (as transformers' streamers), "
+                        f"got {type(streamer).__name__}")
     seq_idx = None
     if attention_mask is not None:
         mask = _check_attention_mask(attention_mask, input_ids, left_only=True)
@@ -1723,14 +2484,18 @@ class TextStreamer:
 
     def put(self, tokens: torch.Tensor):
         self.tokens.extend(tokens.reshape(-1).tolist())
+        self._print(final=False)
+
+    def end(self):
+        self._print(final=True)
+        print(flush=True, file=self.file)
+
+    def _print(self, final: bool):
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):      # wait for the rest of a multi-byte character
+        if text.endswith("\ufffd") and not final:   # wait for the rest of a multi-byte character
             return
         print(text[self.printed:], end="", flush=True, file=self.file)
         self.printed = len(text)
-
-    def end(self):
-        print(flush=True, file=self.file)
 
 
 def _load_tokenizer(path: Path):
@@ -1768,24 +2533,63 @@ def main(argv: Optional[Sequence[str]] = None):
     ap.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = ap.parse_args(argv)
+    try:
+        _generate_from_command_line(args)
+    except _UserError as e:   # a user's mistake: one line, status 2, as argparse reports its own
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:   # `python mamba2.py ... | head -1`: the reader has gone; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
-    device = _pick_device(args.device)
-    path = resolve_checkpoint(args.model)
-    model = Mamba2LMHeadModel.from_pretrained(path, device=device, dtype=getattr(torch, args.dtype))
-    tokenizer = _load_tokenizer(path)
+
+class _UserError(Exception):
+    """A mistake in the command line's arguments, reported as `error: ...` with status 2."""
+
+
+def _generate_from_command_line(args):
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repetition_penalty=args.repetition_penalty)
+    try:
+        _check_generation_args(**sampling)
+    except ValueError as e:                      # "top_p must be ..." -> "--top-p must be ..."
+        name, rest = str(e).split(" ", 1)
+        raise _UserError(f"--{name.replace('_', '-')} {rest}") from None
+    if not args.prompt:
+        raise _UserError("the prompt is empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _UserError("the prompt is not valid UTF-8 text") from None
+    try:
+        device = _pick_device(args.device)
+        _as_device(device)
+    except (RuntimeError, ValueError) as e:
+        raise _UserError(f"--device {args.device}: {e}") from None
+    try:
+        path = resolve_checkpoint(args.model)
+        model = Mamba2LMHeadModel.from_pretrained(path, device=device, dtype=args.dtype)
+    except (ValueError, TypeError, OSError) as e:
+        raise _UserError(f"--model {args.model}: {e}") from None
+    try:
+        tokenizer = _load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        raise _UserError(f"no tokenizer for {args.model}: {e}") from None
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    if input_ids.shape[1] == 0:
+        raise _UserError("the prompt has no tokens")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
-    out = model.generate(input_ids, max_new_tokens=args.max_new_tokens,
-                         do_sample=args.temperature > 0, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                         repetition_penalty=args.repetition_penalty,
-                         eos_token_id=tokenizer.eos_token_id, generator=generator,
-                         streamer=TextStreamer(tokenizer))
+    out = model.generate(input_ids, do_sample=args.temperature > 0, generator=generator,
+                         eos_token_id=tokenizer.eos_token_id, streamer=TextStreamer(tokenizer),
+                         **sampling)
     seconds = time.perf_counter() - start
     new = out.shape[1] - input_ids.shape[1]
     print(f"[{new} tokens in {seconds:.2f} s: {new / seconds:.1f} tokens/s on {device}, "
-          f"{args.dtype}]")
+          f"{args.dtype}]", flush=True)
 
 
 if __name__ == "__main__":
