@@ -39,12 +39,13 @@ Layout of this file (read top to bottom):
      5. cache             InferenceCache
      6. the block         BlockWeights, mamba2_block (the pipeline), Mamba2 (the layer),
                           mamba_split_conv1d_scan_combined (the official fused entry point)
-     7. the model         GatedMLP, Block, Mamba2Model, Mamba2LMHeadModel,
+     7. attention         rotary, AttentionCache, MHA: the attention layers of hybrid models
+     8. the model         GatedMLP, Block, Mamba2Model, Mamba2LMHeadModel,
                           Mamba2ForSequenceClassification
-     8. the fused loss    next-token cross-entropy without the (tokens x vocabulary) logits
-     9. checkpoints       reading and writing the mamba_ssm and transformers formats
-    10. generation        sampling, left padding, eos, streaming
-    11. command line      python mamba2.py "prompt" --model ...
+     9. the fused loss    next-token cross-entropy without the (tokens x vocabulary) logits
+    10. checkpoints       reading and writing the mamba_ssm and transformers formats
+    11. generation        sampling, left padding, eos, streaming
+    12. command line      python mamba2.py "prompt" --model ...
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import re
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -69,7 +70,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 __all__ = [
-    "Mamba2Config", "Mamba2", "BlockWeights", "mamba2_block", "RMSNormGated", "InferenceCache",
+    "Mamba2Config", "Mamba2", "MHA", "RMSNormGated", "InferenceCache", "AttentionCache",
     "Mamba2Model", "Mamba2LMHeadModel", "Mamba2ForSequenceClassification", "GatedMLP",
     "causal_conv1d", "causal_conv1d_step", "ssd", "ssd_step", "rms_norm_gated",
     "mamba_split_conv1d_scan_combined", "seq_idx_from_cu_seqlens", "DEFAULT_MODEL",
@@ -123,14 +124,19 @@ class Mamba2Config:
     norm_epsilon: float = 1e-5              # eps of the residual-stream norms (norm, norm2, norm_f)
     rms_norm: bool = True                   # residual-stream norms are RMSNorm (False: LayerNorm);
     #                                         `rmsnorm` above is the block's own gated norm
+    # hybrid models (official MambaLMHeadModel): attention layers instead of Mamba-2 blocks
+    attn_layer_idx: list = field(default_factory=list)   # the layers that are attention (MHA)
+    attn_cfg: dict = field(default_factory=dict)         # MHA's options, official names (see MHA)
 
     def __post_init__(self):
         for f in fields(self):
             _check_config_field(f.name, getattr(self, f.name), f.type)
         self.A_init_range = tuple(float(v) for v in self.A_init_range)
         self.dt_limit = tuple(float(v) for v in self.dt_limit)
+        self.attn_layer_idx, self.attn_cfg = list(self.attn_layer_idx), dict(self.attn_cfg)
         if self.d_ssm is None:
             self.d_ssm = self.d_inner
+        _check_attention_config(self)
         rules = [
             ("d_ssm", 0 < self.d_ssm <= self.d_inner,
              f"0 < d_ssm <= d_inner = expand * d_model = {self.d_inner}"),
@@ -178,6 +184,16 @@ class Mamba2Config:
         m = self.pad_vocab_size_multiple
         return (self.vocab_size + m - 1) // m * m
 
+    @property
+    def attention(self) -> dict:
+        """attn_cfg with the official MHA defaults filled in (and mlp_dim rounded up to 256s)."""
+        o = {**_ATTENTION_DEFAULTS, **self.attn_cfg}
+        if o["num_heads"] is not None:
+            o["num_heads_kv"] = o["num_heads_kv"] or o["num_heads"]
+            o["head_dim"] = o["head_dim"] or self.d_model // o["num_heads"]
+        o["mlp_dim"] = (o["mlp_dim"] + 255) // 256 * 256
+        return o
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -217,6 +233,13 @@ def _check_config_field(name: str, value, annotation: str):
             wrong_type("a number" + (" or None" if annotation != "float" else ""))
         if not math.isfinite(value):
             raise ValueError(f"Mamba2Config.{name} must be finite, got {value!r}")
+    elif annotation == "list":
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            wrong_type("a list of ints")
+    elif annotation == "dict":
+        if not isinstance(value, dict):
+            wrong_type("a dict")
     elif annotation == "tuple":
         if not isinstance(value, (tuple, list)) or len(value) != 2 or not all(map(real, value)):
             wrong_type("a pair of numbers (low, high)")
@@ -224,6 +247,59 @@ def _check_config_field(name: str, value, annotation: str):
         if any(math.isnan(v) or (finite and math.isinf(v)) for v in value):
             want = "finite numbers" if finite else "no NaN"
             raise ValueError(f"Mamba2Config.{name} must hold {want}, got {value!r}")
+
+
+# official MHA's options (mamba_ssm.modules.mha.MHA) and their defaults
+_ATTENTION_DEFAULTS = dict(num_heads=None, num_heads_kv=None, head_dim=None, mlp_dim=0,
+                           qkv_proj_bias=True, out_proj_bias=True, softmax_scale=None,
+                           causal=False, d_conv=0, rotary_emb_dim=0, rotary_emb_base=10000.0,
+                           rotary_emb_interleaved=False)
+
+
+def _check_attention_config(cfg: Mamba2Config):
+    """attn_layer_idx and attn_cfg: the layers in range, the MHA options of the official names and
+    types, and no impossible combination."""
+    idx = cfg.attn_layer_idx
+    if len(set(idx)) != len(idx) or any(not 0 <= i < cfg.n_layer for i in idx):
+        raise ValueError(f"Mamba2Config.attn_layer_idx must hold distinct layers in [0, n_layer="
+                         f"{cfg.n_layer}), got {idx!r}")
+    unknown = sorted(set(cfg.attn_cfg) - set(_ATTENTION_DEFAULTS))
+    if unknown:
+        raise ValueError(f"Mamba2Config.attn_cfg has unknown keys {unknown} (MHA takes "
+                         f"{sorted(_ATTENTION_DEFAULTS)})")
+    if not idx:
+        return
+    o = cfg.attn_cfg
+
+    def fail(key, want):
+        raise ValueError(f"Mamba2Config.attn_cfg[{key!r}] = {o.get(key)!r}: {want}")
+
+    def positive_int(v, zero_ok=False):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= (0 if zero_ok else 1)
+
+    if not positive_int(o.get("num_heads")):
+        fail("num_heads", "a positive int, required for attention layers")
+    for key in ("num_heads_kv", "head_dim"):
+        if o.get(key) is not None and not positive_int(o[key]):
+            fail(key, "None or a positive int")
+    for key in ("mlp_dim", "d_conv", "rotary_emb_dim"):
+        if key in o and not positive_int(o[key], zero_ok=True):
+            fail(key, "an int >= 0")
+    for key in ("qkv_proj_bias", "out_proj_bias", "causal", "rotary_emb_interleaved"):
+        if key in o and not isinstance(o[key], bool):
+            fail(key, "a bool")
+    for key in ("softmax_scale", "rotary_emb_base"):
+        v = o.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or
+                              not 0 < v < math.inf):
+            fail(key, "a finite number > 0" + (" or None" if key == "softmax_scale" else ""))
+    a = cfg.attention
+    if a["num_heads"] % a["num_heads_kv"]:
+        fail("num_heads_kv", f"must divide num_heads = {a['num_heads']}")
+    if o.get("head_dim") is None and cfg.d_model % a["num_heads"]:
+        fail("num_heads", f"must divide d_model = {cfg.d_model} when head_dim is not given")
+    if a["rotary_emb_dim"] % 2 or a["rotary_emb_dim"] > a["head_dim"]:
+        fail("rotary_emb_dim", f"must be even and at most head_dim = {a['head_dim']}")
 
 
 def _block_config(config=None, **kwargs) -> Mamba2Config:
@@ -1514,7 +1590,337 @@ def _combined_weights(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_s
                         out_proj_weight=outproj_weight, out_proj_bias=outproj_bias)
 
 
-# ==================================================================================== 7. the model
+# =================================================================================== 7. attention
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float = 10000.0,
+           interleaved: bool = False) -> torch.Tensor:
+    """Rotary position embedding on the first `dim` channels of every head of x (b, l, heads, d)
+    at integer positions (b, l): the channel pairs (i, i + dim/2) — or (2i, 2i+1) interleaved —
+    turn by the angle position * base^(-2i/dim); channels past `dim` pass unchanged. As
+    flash-attn's RotaryEmbedding: angles in fp32, the cos/sin table rounded to x's dtype, the
+    rotation computed in fp32 (fp64 throughout for fp64 x)."""
+    if dim == 0:
+        return x
+    cdt = _compute_dtype(x.dtype)
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=x.device, dtype=cdt) / dim)
+    angles = positions.to(cdt)[..., None, None] * inv_freq                  # (b, l, 1, dim/2)
+    cos, sin = angles.cos().to(x.dtype).to(cdt), angles.sin().to(x.dtype).to(cdt)
+    turned = x[..., :dim].to(cdt)
+    x1, x2 = (turned[..., 0::2], turned[..., 1::2]) if interleaved else turned.chunk(2, dim=-1)
+    o1, o2 = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+    out = torch.stack([o1, o2], dim=-1).flatten(-2) if interleaved else torch.cat([o1, o2], -1)
+    return torch.cat([out.to(x.dtype), x[..., dim:]], dim=-1)
+
+
+def _segment_positions(seq_idx: Optional[torch.Tensor], b: int, l: int, device,
+                       offset: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(b, l) the position of each token in its segment; `offset` (b,) is added to the tokens of
+    the first segment (which continues a cache)."""
+    t = torch.arange(l, device=device)
+    if seq_idx is None:
+        pos = t.expand(b, l)
+        first = torch.ones(b, l, dtype=torch.bool, device=device)
+    else:
+        starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=True)
+        pos = t - torch.where(starts, t, 0).cummax(dim=1).values
+        first = seq_idx == seq_idx[:, :1]
+    return pos if offset is None else pos + torch.where(first, offset[:, None], 0)
+
+
+def _visible(seq_idx, b, l, device, causal: bool) -> Optional[torch.Tensor]:
+    """(b, l, l): which key j each query i sees: j <= i (causal) within one segment; None when
+    every query sees every key (no segments, not causal)."""
+    if seq_idx is None and not causal:
+        return None
+    vis = torch.ones(l, l, dtype=torch.bool, device=device)
+    if causal:
+        vis = vis.tril()
+    if seq_idx is not None:
+        vis = vis & (seq_idx[:, :, None] == seq_idx[:, None, :])
+    return vis.expand(b, l, l)
+
+
+def _finite_keys(k, v):
+    """Keys and values with non-finite tokens zeroed, and which tokens those were, (b, l) (None
+    when there are none). A NaN key behind a masked score would still reach every query through
+    softmax(-inf) * NaN; those queries that really see it get NaN instead (the honest result)."""
+    bad = ~(torch.isfinite(k).flatten(2).all(-1) & torch.isfinite(v).flatten(2).all(-1))
+    if k.device.type == "cpu" and not bool(bad.any()):
+        return k, v, None
+    keep = ~bad[..., None, None]
+    return torch.where(keep, k, 0), torch.where(keep, v, 0), bad
+
+
+def _attend(q, k, v, visible, scale, causal=False):
+    """softmax(q kᵀ · scale) v over the keys each query sees (visible (b, lq, lk); None: all, or
+    the causal ones), with the num_heads_kv heads of k and v each serving a group of q's heads
+    (GQA): q (b, lq, h, dh), k and v (b, lk, h_kv, dh) -> (b, lq, h, dh)."""
+    r = q.shape[2] // k.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                          # (b, heads, l, dh)
+    if r > 1:
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+    mask = None if visible is None else visible[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         is_causal=causal and mask is None)
+    return out.transpose(1, 2)
+
+
+def _attend_one(q, k, v, cached_k, cached_v, cached_visible, scale):
+    """One new token (q, k, v (b, h or h_kv, dh)) against the cached keys and values (b, L, h_kv,
+    dh) it sees (cached_visible (b, L)) and itself, reading the cache without a copy:
+    softmax over [cached scores, own score], in fp32. Returns (b, h, dh)."""
+    b, h, dh = q.shape
+    g = k.shape[1]
+    cdt = _compute_dtype(q.dtype)
+    qg = q.view(b, g, h // g, dh)
+    old = torch.einsum("bgrd,blgd->bgrl", qg, cached_k).to(cdt) * scale     # (b, g, r, L)
+    old = old.masked_fill(~cached_visible[:, None, None], -math.inf)
+    own = (qg * k[:, :, None]).sum(-1, keepdim=True).to(cdt) * scale        # (b, g, r, 1)
+    p = torch.cat([old, own], dim=-1).softmax(-1)
+    out = torch.einsum("bgrl,blgd->bgrd", p[..., :-1].to(v.dtype), cached_v)
+    return (out + p[..., -1:].to(v.dtype) * v[:, :, None]).reshape(b, h, dh)
+
+
+class AttentionCache:
+    """Per-layer decoding state of an attention layer: the keys and values so far, kv (b,
+    capacity, 2, num_heads_kv, head_dim), of which the first `length` are filled; start (b,) where
+    each row's current segment begins (left padding and packing: earlier keys are unseen);
+    bad (b, capacity) which stored tokens were not finite (stored as zeros); and the last d_conv
+    inputs of the layer's convolution, conv_state (b, qkv_dim, d_conv), when it has one. The
+    buffers grow (doubling) when a call needs more than `capacity`."""
+
+    def __init__(self, kv, bad, start, length: int = 0, conv_state=None):
+        self.kv, self.bad, self.start, self.length, self.conv_state = \
+            kv, bad, start, length, conv_state
+
+    @classmethod
+    def alloc(cls, batch_size: int, config: Mamba2Config, capacity: int = 256, device=None,
+              dtype=None) -> "AttentionCache":
+        _check_int("batch_size", batch_size)
+        _check_int("capacity", capacity)
+        a, kw = config.attention, dict(device=device, dtype=dtype or torch.get_default_dtype())
+        kv = torch.zeros(batch_size, capacity, 2, a["num_heads_kv"], a["head_dim"], **kw)
+        bad = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)
+        start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        conv = None
+        if a["d_conv"] > 0:
+            qkv_dim = a["head_dim"] * (a["num_heads"] + 2 * a["num_heads_kv"])
+            conv = torch.zeros(batch_size, qkv_dim, a["d_conv"], **kw)
+        return cls(kv, bad, start, 0, conv)
+
+    def reset(self) -> "AttentionCache":
+        self.length = 0
+        self.start.zero_()
+        self.bad.zero_()
+        if self.conv_state is not None:
+            self.conv_state.zero_()
+        return self
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[0]
+
+    def state(self) -> tuple:
+        """What the cache holds (for comparisons): length, start, and the filled part of kv, bad
+        and the conv window."""
+        return (self.length, self.start.clone(), self.kv[:, :self.length].clone(),
+                self.bad[:, :self.length].clone(),
+                None if self.conv_state is None else self.conv_state.clone())
+
+    def __repr__(self) -> str:
+        return (f"AttentionCache(length={self.length}, capacity={self.kv.shape[1]}, kv="
+                f"{tuple(self.kv.shape)}, dtype={self.kv.dtype}, device={self.kv.device})")
+
+
+class _AttentionUpdate(NamedTuple):
+    """What a cached attention call appends, computed without writing; commit() writes it."""
+
+    cache: AttentionCache
+    k: torch.Tensor                          # (b, l, h_kv, dh) the new keys, finite
+    v: torch.Tensor
+    bad: Optional[torch.Tensor]              # (b, l) or None
+    start: Optional[torch.Tensor]            # (b,) the new segment starts, or None: unchanged
+    conv: Optional[torch.Tensor]             # the conv window after the call
+
+    def commit(self):
+        c, (b, l) = self.cache, self.k.shape[:2]
+        end = c.length + l
+        if end > c.kv.shape[1]:                                  # grow, doubling
+            grown = max(end, 2 * c.kv.shape[1])
+            kv = c.kv.new_zeros(b, grown, *c.kv.shape[2:])
+            bad = c.bad.new_zeros(b, grown)
+            kv[:, :c.length], bad[:, :c.length] = c.kv[:, :c.length], c.bad[:, :c.length]
+            c.kv, c.bad = kv, bad
+        c.kv[:, c.length:end, 0] = self.k.detach()
+        c.kv[:, c.length:end, 1] = self.v.detach()
+        c.bad[:, c.length:end] = False if self.bad is None else self.bad
+        if self.start is not None:
+            c.start.copy_(self.start)
+        if self.conv is not None:
+            c.conv_state.copy_(self.conv.detach())
+        c.length = end
+
+
+class MHA(nn.Module):
+    """The attention layer of hybrid models (official `mamba_ssm.modules.mha.MHA`, built from
+    Mamba2Config.attn_cfg at the layers of attn_layer_idx), with the official parameter names:
+    in_proj -> depthwise causal conv over q, k, v (d_conv > 0) -> rotary on q and k -> attention
+    (causal, grouped heads) -> out_proj, and a gated MLP that shares in_proj and out_proj
+    (mlp_dim > 0)."""
+
+    def __init__(self, config: Mamba2Config, layer_idx: Optional[int] = None, device=None,
+                 dtype=None):
+        super().__init__()
+        a = config.attention
+        self.config, self.layer_idx = config, layer_idx
+        self.num_heads, self.num_heads_kv, self.head_dim = \
+            a["num_heads"], a["num_heads_kv"], a["head_dim"]
+        self.mlp_dim, self.causal, self.d_conv = a["mlp_dim"], a["causal"], a["d_conv"]
+        self.softmax_scale = a["softmax_scale"] or 1 / math.sqrt(self.head_dim)
+        self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved = \
+            a["rotary_emb_dim"], a["rotary_emb_base"], a["rotary_emb_interleaved"]
+        self.qkv_dim = self.head_dim * (self.num_heads + 2 * self.num_heads_kv)
+        factory = dict(device=device, dtype=dtype)
+        self.in_proj = nn.Linear(config.d_model, self.qkv_dim + self.mlp_dim,
+                                 bias=a["qkv_proj_bias"], **factory)
+        if self.d_conv > 0:   # (always with a bias, as official)
+            self.conv1d = nn.Conv1d(self.qkv_dim, self.qkv_dim, self.d_conv, groups=self.qkv_dim,
+                                    padding=self.d_conv - 1, **factory)
+        self.out_proj = nn.Linear(self.num_heads * self.head_dim + self.mlp_dim // 2,
+                                  config.d_model, bias=a["out_proj_bias"], **factory)
+
+    def forward(self, x: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
+                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+        """x (b, l, d_model) -> (b, l, d_model); seq_idx packs segments (block-diagonal
+        attention); cache: an AttentionCache to continue and to append to."""
+        _check_tensor("x", x, (None, None, self.config.d_model), floating=True)
+        b, l, _ = x.shape
+        if l < 1 or b < 1:
+            raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+        if seq_idx is not None:
+            _check_seq_idx(seq_idx, b, l, x.device)
+        if cache is None:
+            return self._run(x, seq_idx)[0]
+        _check_attention_cache("cache", cache, self, b, self.in_proj.weight.dtype, x.device)
+        y, update = self._through_cache(x, cache, seq_idx)
+        update.commit()
+        return y
+
+    def _through_cache(self, x, cache: AttentionCache, seq_idx):
+        return self._run(x, seq_idx, cache)
+
+    def _run(self, x, seq_idx=None, cache: Optional[AttentionCache] = None):
+        """(out, the cache's _AttentionUpdate or None), writing nothing."""
+        b, l, _ = x.shape
+        h, g, dh = self.num_heads, self.num_heads_kv, self.head_dim
+        # 1. in_proj: the q, k, v columns, and the gated MLP's up and gate halves
+        qkv, mlp = self.in_proj(x).split([self.qkv_dim, self.mlp_dim], dim=-1)
+        # 2. a depthwise causal convolution over the q, k, v columns (no activation); the cache
+        #    keeps its last d_conv inputs (official MHA keeps outputs there, #1027)
+        conv = None
+        if self.d_conv > 0:
+            before = None if cache is None else cache.conv_state
+            if before is not None and l == 1 and seq_idx is None:
+                qkv, conv = _conv_step(qkv[:, 0], self.conv1d.weight, self.conv1d.bias, before)
+                qkv = qkv.unsqueeze(1)
+            else:
+                qkv, conv = _causal_conv1d(qkv, self.conv1d.weight, self.conv1d.bias, seq_idx,
+                                           before)
+        q, k, v = qkv.split([h * dh, g * dh, g * dh], dim=-1)
+        q, k, v = q.unflatten(-1, (h, dh)), k.unflatten(-1, (g, dh)), v.unflatten(-1, (g, dh))
+        # 3. rotary embeddings at each token's position in its segment (continuing the cache's)
+        offset = None if cache is None else cache.length - cache.start                # (b,)
+        pos = _segment_positions(seq_idx, b, l, x.device, offset)
+        args = (self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
+        q, k = rotary(q, pos, *args), rotary(k, pos, *args)
+        # 4. attention: softmax(q kᵀ · scale) v within segments, causal
+        k, v, bad = _finite_keys(k, v)
+        out, reached = self._attention(q, k, v, bad, seq_idx, cache)
+        if reached is not None:                          # queries that see a non-finite token
+            out = torch.where(reached[..., None, None], math.nan, out)
+        # 5. out_proj of [attention output, MLP output]
+        y = out.reshape(b, l, h * dh)
+        if self.mlp_dim:
+            up, gate = mlp.chunk(2, dim=-1)
+            y = torch.cat([y, up * F.silu(gate)], dim=-1)
+        y = self.out_proj(y)
+        update = None
+        if cache is not None:
+            new_start = None
+            if seq_idx is not None:       # a segment starting inside the call: the keys before go
+                starts = _segment_positions(seq_idx, b, l, x.device)[:, -1]        # unseen
+                new_start = torch.where(seq_idx[:, -1] != seq_idx[:, 0],
+                                        cache.length + l - 1 - starts, cache.start)
+            update = _AttentionUpdate(cache, k, v, bad, new_start, conv)
+        return y, update
+
+    def _attention(self, q, k, v, bad, seq_idx, cache):
+        """(out (b, l, h, dh), which queries see a non-finite key (b, l) or None)."""
+        b, l = q.shape[:2]
+        scale = self.softmax_scale
+        if cache is None or cache.length == 0:
+            if seq_idx is None:                        # no mask to build: SDPA's causal path
+                out = _attend(q, k, v, None, scale, causal=self.causal)
+                if bad is None:
+                    return out, None
+                seen = bad.cumsum(1) > 0 if self.causal else bad.any(1, keepdim=True).expand(b, l)
+                return out, seen
+            visible = _visible(seq_idx, b, l, q.device, self.causal)
+            out = _attend(q, k, v, visible, scale)
+            return out, None if bad is None else (visible & bad[:, None, :]).any(-1)
+        L = cache.length
+        seen = torch.arange(L, device=q.device) >= cache.start[:, None]            # (b, L)
+        old_bad = cache.bad[:, :L]
+        if l == 1 and seq_idx is None:                  # one token: the cache is read in place
+            out = _attend_one(q[:, 0], k[:, 0], v[:, 0], cache.kv[:, :L, 0], cache.kv[:, :L, 1],
+                              seen, scale)[:, None]
+            reached = (old_bad & seen).any(-1, keepdim=True)
+            return out, reached | bad if bad is not None else reached
+        # several tokens: the cached keys are seen by the first segment of the call only
+        first = torch.ones(b, l, dtype=torch.bool, device=q.device) if seq_idx is None else \
+            seq_idx == seq_idx[:, :1]
+        new = _visible(seq_idx, b, l, q.device, self.causal)
+        if new is None:
+            new = torch.ones(b, l, l, dtype=torch.bool, device=q.device)
+        visible = torch.cat([first[:, :, None] & seen[:, None, :], new], dim=-1)  # (b, l, L + l)
+        keys = torch.cat([cache.kv[:, :L, 0], k], dim=1)
+        values = torch.cat([cache.kv[:, :L, 1], v], dim=1)
+        out = _attend(q, keys, values, visible, scale)
+        all_bad = torch.cat([old_bad, bad if bad is not None else old_bad.new_zeros(b, l)], 1)
+        return out, (visible & all_bad[:, None, :]).any(-1)
+
+    def allocate_inference_cache(self, batch_size: int, dtype=None, device=None,
+                                 max_seqlen: int = 256) -> AttentionCache:
+        return AttentionCache.alloc(batch_size, self.config, max_seqlen,
+                                    device=device or self.in_proj.weight.device,
+                                    dtype=dtype or self.in_proj.weight.dtype)
+
+
+def _check_attention_cache(name: str, cache, mha: MHA, b: int, dtype, device):
+    """An AttentionCache this layer can continue and append to, checked before anything runs."""
+    if not isinstance(cache, AttentionCache):
+        raise TypeError(f"{name} must be an AttentionCache (an attention layer's; see "
+                        f"allocate_inference_cache), got {type(cache).__name__}")
+    _check_tensor(f"{name}.kv", cache.kv, (b, None, 2, mha.num_heads_kv, mha.head_dim),
+                  floating=True, device=device)
+    if cache.kv.dtype != dtype:
+        raise TypeError(f"{name} has dtype {cache.kv.dtype}, the layer runs in {dtype}")
+    capacity = cache.kv.shape[1]
+    if isinstance(cache.length, bool) or not isinstance(cache.length, int) or \
+            not 0 <= cache.length <= capacity:
+        raise ValueError(f"{name}.length must be an int in [0, {capacity}], got {cache.length!r}")
+    _check_tensor(f"{name}.bad", cache.bad, (b, capacity), device=device, dtypes=(torch.bool,))
+    _check_tensor(f"{name}.start", cache.start, (b,), device=device, dtypes=(torch.int64,))
+    parts = ["kv", "bad", "start"]
+    if mha.d_conv > 0:
+        _check_tensor(f"{name}.conv_state", cache.conv_state, (b, mha.qkv_dim, mha.d_conv),
+                      floating=True, device=device)
+        parts.append("conv_state")
+    for part in parts:
+        _check_writable(f"{name}.{part}", getattr(cache, part))
+
+
+# ==================================================================================== 8. the model
 
 class GatedMLP(nn.Module):
     """Official GatedMLP: fc1 -> (y, gate) -> y * silu(gate) -> fc2; hidden rounded up to 128s."""
@@ -1538,13 +1944,15 @@ def _residual_norm(config: Mamba2Config, device=None, dtype=None) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Prenorm residual block (official `Block`): add -> norm -> mixer [-> add -> norm2 -> mlp]."""
+    """Prenorm residual block (official `Block`): add -> norm -> mixer [-> add -> norm2 -> mlp];
+    the mixer is a Mamba-2 block, or attention (MHA) at the layers of config.attn_layer_idx."""
 
     def __init__(self, config: Mamba2Config, layer_idx: int, device=None, dtype=None):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = _residual_norm(config, device, dtype)
-        self.mixer = Mamba2(config, layer_idx=layer_idx, device=device, dtype=dtype)
+        mixer = MHA if layer_idx in config.attn_layer_idx else Mamba2
+        self.mixer = mixer(config, layer_idx=layer_idx, device=device, dtype=dtype)
         if config.d_intermediate > 0:
             self.norm2 = _residual_norm(config, device, dtype)
             self.mlp = GatedMLP(config.d_model, config.d_intermediate, device=device, dtype=dtype)
@@ -1619,17 +2027,32 @@ class Mamba2Model(nn.Module):
                             f"allocate_inference_cache), got {type(cache).__name__}{got}")
         dtype = self.embedding.weight.dtype
         for i, layer in enumerate(self.layers):
-            _check_cache(f"cache[{i}]", cache[i], layer.mixer.config, b, dtype, input_ids.device)
-        tensors = [(i, t) for i, c in enumerate(cache) for t in (c.ssm_state, c.conv_state)]
+            if isinstance(layer.mixer, MHA):
+                _check_attention_cache(f"cache[{i}]", cache[i], layer.mixer, b, dtype,
+                                       input_ids.device)
+            else:
+                _check_cache(f"cache[{i}]", cache[i], layer.mixer.config, b, dtype,
+                             input_ids.device)
+        tensors = [(i, t) for i, c in enumerate(cache) for t in _cache_tensors(c)]
         for k, (i, t) in enumerate(tensors):
             for j, other in tensors[k + 1:]:
                 if j != i and _shares_memory(t, other):
                     raise ValueError(f"cache[{i}] and cache[{j}] share memory: each layer needs a "
                                      f"cache of its own (allocate_inference_cache)")
 
-    def allocate_inference_cache(self, batch_size: int, dtype=None) -> list:
+    def allocate_inference_cache(self, batch_size: int, dtype=None, max_seqlen: int = 256) -> list:
+        """One cache per layer: InferenceCache for Mamba-2 layers, AttentionCache (room for
+        max_seqlen tokens, growing beyond) for attention layers."""
         dtype = dtype or self.embedding.weight.dtype
-        return [layer.mixer.allocate_inference_cache(batch_size, dtype) for layer in self.layers]
+        return [layer.mixer.allocate_inference_cache(batch_size, dtype, max_seqlen=max_seqlen)
+                if isinstance(layer.mixer, MHA) else
+                layer.mixer.allocate_inference_cache(batch_size, dtype) for layer in self.layers]
+
+
+def _cache_tensors(cache) -> list:
+    if isinstance(cache, AttentionCache):
+        return [t for t in (cache.kv, cache.bad, cache.start, cache.conv_state) if t is not None]
+    return [cache.ssm_state, cache.conv_state]
 
 
 def _init_lm_weights(model: nn.Module, n_layer: int):
@@ -1700,9 +2123,10 @@ class Mamba2LMHeadModel(nn.Module):
             update.commit()
         return out
 
-    def allocate_inference_cache(self, batch_size: int, dtype=None) -> list:
-        """One InferenceCache per layer, accepted (and updated in place) by forward(cache=...)."""
-        return self.backbone.allocate_inference_cache(batch_size, dtype)
+    def allocate_inference_cache(self, batch_size: int, dtype=None, max_seqlen: int = 256) -> list:
+        """One cache per layer (see Mamba2Model.allocate_inference_cache), accepted and updated in
+        place by forward(cache=...)."""
+        return self.backbone.allocate_inference_cache(batch_size, dtype, max_seqlen)
 
     @property
     def device(self) -> torch.device:
@@ -1856,7 +2280,7 @@ def _check_attention_mask(attention_mask, input_ids, contiguous_only=False, left
     return mask
 
 
-# =============================================================================== 8. the fused loss
+# =============================================================================== 9. the fused loss
 
 # Tokens per chunk of the fused loss: at most 2^25 logits (128 MB in fp32) exist at a time.
 LOSS_CHUNK_LOGITS = 1 << 25
@@ -1921,7 +2345,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dhidden, dweight, None, None, None
 
 
-# ================================================================================== 9. checkpoints
+# ================================================================================= 10. checkpoints
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -2052,13 +2476,10 @@ def _config_from_mamba_ssm(raw: dict) -> Mamba2Config:
         what = "has no 'layer', which the official code reads as Mamba1" if layer is None else \
             f"'layer' is {layer!r}"
         raise ValueError(f"key 'ssm_cfg' {what}; this library implements Mamba2 only")
-    if raw.get("attn_layer_idx"):
-        raise ValueError(f"hybrid checkpoints with attention layers (attn_layer_idx="
-                         f"{raw['attn_layer_idx']}) are not supported")
     unknown = sorted(set(ssm_cfg) - set(_BLOCK_FIELDS[1:]))
     if unknown:
         raise ValueError(f"unknown ssm_cfg fields {unknown}")
-    kw = {k: raw[k] for k in _LM_KEYS if k in raw}
+    kw = {k: raw[k] for k in _LM_KEYS + ("attn_layer_idx", "attn_cfg") if k in raw}
     kw.setdefault("pad_vocab_size_multiple", 8)                # MambaConfig's default
     if "norm_epsilon" in raw:
         kw["norm_epsilon"] = raw["norm_epsilon"]
@@ -2085,7 +2506,8 @@ def config_to_mamba_ssm(config: Mamba2Config, official: bool = True) -> dict:
         if value != defaults[name]:
             ssm_cfg[name] = list(value) if isinstance(value, tuple) else value
     out = {k: getattr(config, k) for k in _LM_KEYS}
-    out.update(ssm_cfg=ssm_cfg, attn_layer_idx=[], attn_cfg={}, fused_add_norm=True)
+    out.update(ssm_cfg=ssm_cfg, attn_layer_idx=list(config.attn_layer_idx),
+               attn_cfg=dict(config.attn_cfg), fused_add_norm=True)
     if not official:
         out["norm_epsilon"] = config.norm_epsilon
     return {k: out[k] for k in _MAMBA_CONFIG_KEYS + (() if official else ("norm_epsilon",))}
@@ -2099,6 +2521,7 @@ def config_to_transformers(config: Mamba2Config, dtype: torch.dtype) -> dict:
               ("rmsnorm=False", not config.rmsnorm), ("D_has_hdim=True", config.D_has_hdim),
               ("rms_norm=False (LayerNorm)", not config.rms_norm),
               ("d_intermediate > 0 (a GatedMLP)", config.d_intermediate > 0),
+              ("attention layers (attn_layer_idx)", bool(config.attn_layer_idx)),
               ("learnable_init_states=True", config.learnable_init_states),
               (f"norm_epsilon = {config.norm_epsilon} (its gated norm would use it too)",
                config.norm_epsilon != 1e-5)]
@@ -2161,7 +2584,10 @@ def load_checkpoint_tensors(path: Path, device=None, dtype=None) -> dict:
                              f"Mamba-2 checkpoint are floating point")
         counts[stored[0]] = counts.get(stored[0], 0) + stored[1]
     target = dtype or max(counts, key=counts.get, default=torch.float32)
-    return {name: read().to(device=device, dtype=target) for name, (_, _, read) in sources.items()}
+    # copy=True: tensors of their own, aligned as the allocator aligns them, rather than views
+    # into the file's mapping (whose offsets change BLAS kernels, and so the last bits of results)
+    return {name: read().to(device=device, dtype=target, copy=True)
+            for name, (_, _, read) in sources.items()}
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -2323,7 +2749,7 @@ def _write_checkpoint(directory: Path, files: dict):
             file.unlink()
 
 
-# =================================================================================== 10. generation
+# =================================================================================== 11. generation
 
 def _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty):
     def is_int(v):
@@ -2436,7 +2862,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
             seq_idx = mask.int()                        # pads: segment 0, the prompt: segment 1
     do_sample = do_sample and temperature > 0
 
-    cache = model.allocate_inference_cache(b)
+    cache = model.allocate_inference_cache(b, max_seqlen=l + max_new_tokens)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     logits = model(input_ids, cache=cache, seq_idx=seq_idx, num_last_tokens=1)[:, -1, :vocab]
@@ -2473,7 +2899,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     return torch.cat(out, dim=1)
 
 
-# ================================================================================= 11. command line
+# ================================================================================= 12. command line
 
 class TextStreamer:
     """Prints decoded text as tokens arrive (batch size 1); put/end as transformers' streamers."""
