@@ -652,11 +652,31 @@ def plot_memory(B: Bench, points: list):
 # ====================================================================================== 3. decode
 
 def decode_step(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
-    """A function taking one decoding step after a `context`-token prefill into a fresh cache."""
-    cache = model.allocate_inference_cache(batch)
+    """A function taking one decoding step after a `context`-token prefill into a fresh cache
+    (the step's appended key and value are dropped again, so that an attention layer's context
+    stays `context` over the repetitions)."""
+    cache = model.allocate_inference_cache(batch, max_seqlen=context + 1)
     model(B.ids(batch, context), cache=cache, num_last_tokens=1)
     token = B.ids(batch, 1)
-    return lambda: model(token, cache=cache)
+    attention = [c for c in cache if isinstance(c, mamba2.AttentionCache)]
+
+    def step():
+        model(token, cache=cache)
+        for c in attention:
+            c.length = context
+    return step
+
+
+def hybrid_lm(B: Bench) -> Mamba2LMHeadModel:
+    """The decode model with every sixth layer attention (as mamba2attn-2.7b has 6 of 64 layers):
+    heads of 64 channels, rotary on half of them, a conv of width 4, no biases."""
+    S = B.S
+    every = max(2, S.n_layer // 4)
+    heads = S.d_model // S.headdim
+    attn_cfg = dict(num_heads=heads, head_dim=S.headdim, rotary_emb_dim=S.headdim // 2,
+                    causal=True, d_conv=4, qkv_proj_bias=False, out_proj_bias=False)
+    return B.lm(S.n_layer, attn_layer_idx=list(range(every - 1, S.n_layer, every)),
+                attn_cfg=attn_cfg)
 
 
 def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int, with_state: bool = False):
@@ -759,6 +779,21 @@ def bench_decode(B: Bench):
                                  / min(ms(t[c]) for c in S.contexts))
         first, last = S.contexts[0], S.contexts[-1]
         B.add("decode", f"step at context {last} / at {first}", f"{ratio(t[last], t[first]):.2f}")
+
+        # the same with attention layers: their step reads every cached key and value
+        hybrid = hybrid_lm(B)
+        layers = [i for i, layer in enumerate(hybrid.backbone.layers)
+                  if isinstance(layer.mixer, mamba2.MHA)]
+        th = B.interleave({ctx: decode_step(B, hybrid, 1, ctx) for ctx in S.contexts}, warmup=3,
+                          inner={ctx: S.step_inner for ctx in S.contexts}, cheap=True)
+        res["hybrid"] = {"attention_layers": layers,
+                         "contexts": [{"context": c, "step": th[c]} for c in S.contexts]}
+        print_table(f"hybrid decode step vs context (batch 1; attention at layers {layers})",
+                    ["context", "step ms", "pure Mamba-2 step ms"],
+                    [[c, ms(th[c]), ms(t[c])] for c in S.contexts])
+        B.add("decode", f"hybrid step at context {last} / at {first}",
+              f"{ratio(th[last], th[first]):.2f} (attention: {len(layers)} of {S.n_layer} layers)")
+        del hybrid
     B.results["decode"] = res
     plot_decode(B, res)
 
@@ -770,6 +805,10 @@ def plot_decode(B: Bench, res: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     ctx = [c["context"] for c in res["contexts"]]
     ax.plot(ctx, [ms(c["step"]) for c in res["contexts"]], "o-", label="mamba2.py step (batch 1)")
+    if "hybrid" in res:
+        n = len(res["hybrid"]["attention_layers"])
+        ax.plot(ctx, [ms(c["step"]) for c in res["hybrid"]["contexts"]], "s-",
+                label=f"hybrid: {n} of {B.S.n_layer} layers attention")
     one = next(p for p in res["steps"] if p["batch"] == 1)
     ax.axhline(ms(one["floor"]), color="k", ls="--", alpha=0.5,
                label="floor: matrix-vector products only")

@@ -1357,14 +1357,17 @@ class Mamba2(nn.Module):
         if cfg.learnable_init_states:
             self.init_states = nn.Parameter(torch.zeros(cfg.nheads, cfg.headdim, cfg.d_state,
                                                         **factory))
+        # The draws, their order and dtypes are the official ones, so that the same seed gives
+        # the same initial values: dt in the module's dtype, A in fp32, D in the default dtype.
         # dt_bias = softplus⁻¹(dt), dt log-uniform in [dt_min, dt_max], floored at dt_init_floor
-        u = torch.rand(cfg.nheads, device=device)
+        u = torch.rand(cfg.nheads, **factory)
         dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
         dt = dt.clamp(min=cfg.dt_init_floor)
-        self.dt_bias = nn.Parameter((dt + torch.log(-torch.expm1(-dt))).to(dtype))
-        A = torch.empty(cfg.nheads, device=device).uniform_(*cfg.A_init_range)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        A = torch.empty(cfg.nheads, dtype=torch.float32, device=device).uniform_(*cfg.A_init_range)
         self.A_log = nn.Parameter(torch.log(A).to(dtype))                   # A = -exp(A_log) < 0
-        self.D = nn.Parameter(torch.ones(cfg.d_ssm if cfg.D_has_hdim else cfg.nheads, **factory))
+        self.D = nn.Parameter(torch.ones(cfg.d_ssm if cfg.D_has_hdim else cfg.nheads,
+                                         device=device))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         if cfg.rmsnorm:
@@ -2148,9 +2151,9 @@ class Mamba2LMHeadModel(nn.Module):
         dtype, device = _as_dtype(dtype), _as_device(device)
         path = resolve_checkpoint(name_or_path)
         config, fmt = read_checkpoint_config(path)
-        with torch.device("meta"):
-            model = cls(config)
         tensors = load_checkpoint_tensors(path, device=device, dtype=dtype)
+        with torch.device("meta"):   # built in the weights' dtype: D is fp32 there, as official
+            model = cls(config, dtype=next(iter(tensors.values())).dtype if tensors else dtype)
         if fmt == "transformers" and "backbone.embeddings.weight" in tensors:
             tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
         expected = dict(model.state_dict())
@@ -2168,6 +2171,8 @@ class Mamba2LMHeadModel(nn.Module):
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the config "
                                  f"implies {tuple(expected[name].shape)}")
+            if t.dtype != expected[name].dtype:
+                tensors[name] = t.to(expected[name].dtype)
         model.load_state_dict(tensors, strict=False, assign=True)
         model.tie_weights()
         return model.eval()
