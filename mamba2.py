@@ -450,6 +450,11 @@ def _recording(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype, without an op when it already is (the decoding step counts its ops)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # The scan accumulates products of many decays: it runs in fp32 (fp64 stays fp64), as the
     # official kernels accumulate in fp32 whatever the input dtype.
@@ -522,20 +527,20 @@ def causal_conv1d_step(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     if bias is not None:
         _check_tensor("bias", bias, (d,), floating=True, device=x.device)
     _check_tensor("state", state, (b, d, weight.shape[-1]), floating=True, device=x.device)
-    y, window = _conv_step(x, weight, bias, state)
-    if not _recording(x, weight, bias, state):
+    recording = _recording(x, weight, bias, state)
+    if not recording:
         _check_writable("state", state)
-        window = state.copy_(window)
-    return y, window
+    y, window = _conv_step(x, weight, bias, state)
+    return y, window if recording else state.copy_(window)
 
 
 def _conv_step(x, weight, bias, state):
     """causal_conv1d_step without writing `state`: y (b, d) and the moved window (b, d, w)."""
-    window = torch.cat([state[..., 1:], x.unsqueeze(-1).to(state.dtype)], dim=-1)   # (b, d, w)
-    y = torch.linalg.vecdot(window, weight[:, 0].to(state.dtype))                   # (b, d)
+    window = torch.cat([state[..., 1:], _cast(x, state.dtype).unsqueeze(-1)], dim=-1)  # (b, d, w)
+    y = torch.linalg.vecdot(window, _cast(weight[:, 0], state.dtype))                # (b, d)
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype), window
+    return _cast(y, x.dtype), window
 
 
 class _Chunks:
@@ -554,7 +559,7 @@ class _Chunks:
     double backward recomputes the forward that way) new tensors are built instead.
     """
 
-    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx, S0=None):
+    def __init__(self, x, dt, A, B, C, chunk_size, seq_idx, S0=None, careful=True):
         self.inplace = not torch.is_grad_enabled()
         b, l, h, p = x.shape
         g, n = B.shape[-2:]
@@ -577,11 +582,13 @@ class _Chunks:
         # other segments: in the products of step 1, 0 * NaN = NaN would carry it backwards in
         # time. Such (token, head) pairs enter the products as zeros, and every output from them on
         # in their segment, and the state they leave, are made NaN instead: the honest result,
-        # as the token-by-token recurrence gives it. (On a CPU a clean input skips all of this.)
-        lo, hi = torch.aminmax(X, dim=-1)                                 # NaN and ±inf show here
-        bad = ~(lo.isfinite() & hi.isfinite())                            # (b, c, q, h)
-        self.poisoned = None
-        suspect = X.device.type != "cpu" or bool(bad.any())
+        # as the token-by-token recurrence gives it. careful=False skips this (see _ChunkedScan).
+        self.careful, self.poisoned, suspect = careful, None, False
+        if careful:
+            lo, hi = torch.aminmax(X, dim=-1)                             # NaN and ±inf show here
+            bad = ~(lo.isfinite() & hi.isfinite())                        # (b, c, q, h)
+            suspect = (X.device.type != "cpu" or torch.compiler.is_compiling()
+                       or bool(bad.any()))                        # a CPU syncs for free
         if suspect:
             X = torch.where(bad[..., None], 0, X)
             dt_clean = torch.where(bad, 0, self.dt)
@@ -872,10 +879,18 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, initial_states, S0, seq_idx, chunk_size):
-        ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx, S0)
+        # Unpacked on a CPU, a non-finite input anywhere shows in the final state (the state never
+        # resets): the scan runs without looking for one, and again carefully only if it shows.
+        # (Traced by torch.compile, it always runs carefully: the check would break the graph.)
+        fast = seq_idx is None and x.device.type == "cpu" and not torch.compiler.is_compiling()
+        ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx, S0, careful=not fast)
         needs = any(ctx.needs_input_grad)
         states = x.new_empty(ch.b, ch.c, ch.h, ch.p, ch.n) if needs else None
         y, final = _ssd_forward(ch, D, initial_states, states)
+        if fast and not bool(torch.isfinite(final).all()):
+            ch = _Chunks(x, dt, A, B, C, chunk_size, seq_idx, S0, careful=True)
+            y, final = _ssd_forward(ch, D, initial_states, states)
+        ctx.careful = ch.careful
         ctx.save_for_backward(x, dt, A, B, C, D, initial_states, S0, seq_idx, states)
         ctx.chunk_size = chunk_size
         ctx.set_materialize_grads(False)
@@ -890,7 +905,7 @@ class _ChunkedScan(torch.autograd.Function):
             y, final = _ssd_forward(ch, D, initial_states)
             return _grad_of_recorded((ch.unchunk(y), final), (dy, dfinal), inputs,
                                      ctx.needs_input_grad) + (None, None)
-        ch = _Chunks(x, dt, A, B, C, ctx.chunk_size, seq_idx, S0)
+        ch = _Chunks(x, dt, A, B, C, ctx.chunk_size, seq_idx, S0, careful=ctx.careful)
         grads = _ssd_backward(ch, A, D, dy, dfinal, states)
         grads = tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
         if S0 is not None and grads[7] is not None and grads[7].shape != S0.shape:
@@ -965,11 +980,11 @@ def ssd_step(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     g, n = B.shape[-2:]
     _check_step_sizes(x, dt, A, B, C, D)
     _check_tensor("state", state, (b, h, p, n), floating=True, device=x.device)
+    recording = _recording(x, dt, A, B, C, state)
+    if not recording:
+        _check_writable("state", state)
     y, update = _ssd_step(x, dt, A, B, C, state, D)
-    if _recording(x, dt, A, B, C, state):
-        return y, _apply_step(state, update, inplace=False)
-    _check_writable("state", state)
-    return y, _apply_step(state, update, inplace=True)
+    return y, _apply_step(state, update, inplace=not recording)
 
 
 class _StepUpdate(NamedTuple):
@@ -987,16 +1002,16 @@ def _ssd_step(x, dt, A, B, C, state, D=None):
     b, h, p = x.shape
     g, n = B.shape[-2:]
     r, cdt = h // g, state.dtype
-    decay = torch.exp(dt * A).to(cdt)                                        # (b, h)
-    X = (x * dt.unsqueeze(-1)).to(cdt)                                        # (b, h, p)
-    B, C = B.to(cdt), C.to(cdt)                                               # (b, g, n)
+    decay = _cast(torch.exp(dt * A), cdt)                                    # (b, h)
+    X = _cast(x * dt[..., None], cdt)                                         # (b, h, p)
+    B, C = _cast(B, cdt), _cast(C, cdt)                                       # (b, g, n)
     # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies.
-    SC = torch.bmm(state.reshape(b * g, r * p, n), C.reshape(b * g, n, 1)).view(b, h, p)
-    BC = torch.linalg.vecdot(B, C).repeat_interleave(r, dim=1)                # (b, h)
-    y = torch.addcmul(SC * decay[..., None], X, BC[..., None])                # (b, h, p)
+    y = torch.bmm(state.reshape(b * g, r * p, n), C.reshape(b * g, n, 1)).view(b, g, r, p)  # S C
+    BC = torch.linalg.vecdot(B, C)[..., None, None]                           # (b, g, 1, 1)
+    y = y.mul_(decay.view(b, g, r, 1)).addcmul_(X.view(b, g, r, p), BC).view(b, h, p)
     if D is not None:
-        y = torch.addcmul(y, x.to(cdt), D.to(cdt) if D.dim() == 2 else D.to(cdt)[:, None])
-    return y.to(x.dtype), _StepUpdate(decay, X, B)
+        y = y.addcmul_(_cast(x, cdt), _cast(D, cdt) if D.dim() == 2 else _cast(D, cdt)[:, None])
+    return _cast(y, x.dtype), _StepUpdate(decay, X, B)
 
 
 def _apply_step(state, update: _StepUpdate, inplace: bool):
@@ -1015,7 +1030,7 @@ def _apply_step(state, update: _StepUpdate, inplace: bool):
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float("inf"))):
     """dt = softplus(dt + dt_bias) in fp32, clamped to dt_limit when that is not (0, inf)."""
     cdt = _compute_dtype(dt.dtype)
-    dt = F.softplus(dt.to(cdt) + dt_bias.to(cdt))
+    dt = F.softplus(_cast(dt, cdt) + _cast(dt_bias, cdt))
     if dt_limit[0] > 0.0 or dt_limit[1] != math.inf:
         dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
     return dt
@@ -1053,47 +1068,43 @@ def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Ten
 def _rms_norm_gated(x, z, weight, eps, group_size, norm_before_gate):
     if _recording(x, z, weight):
         return _GatedRMSNorm.apply(x, z, weight, eps, group_size, norm_before_gate)
-    return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)[0]
+    return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
 
 
 def _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate):
-    """(out in x's dtype, rstd (..., groups, 1)). In place on its own temporaries (never on x or
-    z) unless autograd records them (the double backward)."""
-    inplace = not _recording(x, z, weight)
+    """The gated RMSNorm in x's dtype, its statistics in fp32 (fp64 for fp64): one fused
+    F.rms_norm per group. In place on its own temporaries unless autograd records them."""
     dtype, cdt = x.dtype, _compute_dtype(x.dtype)
-    gate = None if z is None else F.silu(z.to(cdt))
-    v = x.to(cdt)
+    inplace = not _recording(x, z, weight)
+    v, w = _cast(x, cdt), _cast(weight, cdt)
+    gate = None if z is None else F.silu(_cast(z, cdt))
     if gate is not None and not norm_before_gate:              # x * silu(z) is normalised
         v, gate = (gate.mul_(v) if inplace else gate * v), None
-    vg = v.unflatten(-1, (-1, group_size))                     # (..., groups, group_size)
-    ms = torch.linalg.vector_norm(vg, dim=-1, keepdim=True)
-    rstd = ms.square_().div_(group_size).add_(eps).rsqrt_() if inplace else \
-        (ms.square() / group_size + eps).rsqrt()
-    if inplace:
-        out = (vg.mul_(rstd) if v is not x else vg * rstd).flatten(-2).mul_(weight)
-        out = out if gate is None else out.mul_(gate)
-    else:
-        out = (vg * rstd).flatten(-2) * weight
-        out = out if gate is None else out * gate
-    return out.to(dtype), rstd
+    if group_size == v.shape[-1]:
+        out = F.rms_norm(v, (group_size,), w, eps)
+    else:                                                      # per group of group_size channels
+        out = F.rms_norm(v.unflatten(-1, (-1, group_size)), (group_size,), None, eps).flatten(-2)
+        out = out.mul_(w) if inplace else out * w
+    if gate is not None:
+        out = out.mul_(gate) if inplace else out * gate
+    return _cast(out, dtype)
 
 
 class _GatedRMSNorm(torch.autograd.Function):
-    """rms_norm_gated with its backward written out: keeps x, z and the per-group 1/rms, nothing
-    the size of an intermediate. Second derivatives differentiate a recorded re-run."""
+    """rms_norm_gated with its backward written out: keeps only x, z and the weight (1/rms is
+    recomputed). Second derivatives differentiate a recorded re-run."""
 
     @staticmethod
     def forward(ctx, x, z, weight, eps, group_size, norm_before_gate):
-        out, rstd = _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
-        ctx.save_for_backward(x, z, weight, rstd)
+        ctx.save_for_backward(x, z, weight)
         ctx.eps, ctx.group_size, ctx.norm_before_gate = eps, group_size, norm_before_gate
-        return out
+        return _gated_rms_norm(x, z, weight, eps, group_size, norm_before_gate)
 
     @staticmethod
     def backward(ctx, dout):
-        x, z, weight, rstd = ctx.saved_tensors
+        x, z, weight = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph: gradients as a differentiable function
-            out, _ = _gated_rms_norm(x, z, weight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
+            out = _gated_rms_norm(x, z, weight, ctx.eps, ctx.group_size, ctx.norm_before_gate)
             return _grad_of_recorded((out,), (dout,), (x, z, weight),
                                      ctx.needs_input_grad) + (None, None, None)
         cdt, gs, gate_after = _compute_dtype(x.dtype), ctx.group_size, ctx.norm_before_gate
@@ -1103,7 +1114,9 @@ class _GatedRMSNorm(torch.autograd.Function):
             sig = torch.sigmoid(z32)
             silu = z32 * sig
         v = x32 * silu if z is not None and not gate_after else x32            # what was normalised
-        normed = (v.unflatten(-1, (-1, gs)) * rstd).flatten(-2)                 # v / rms(v)
+        vg = v.unflatten(-1, (-1, gs))
+        rstd = vg.square().mean(-1, keepdim=True).add_(ctx.eps).rsqrt_()       # 1 / rms(v)
+        normed = (vg * rstd).flatten(-2)                                        # v / rms(v)
         scale = dout * silu if z is not None and gate_after else dout           # d/d(normed * w)
         dweight = (scale * normed).flatten(0, -2).sum(0)
         dn = (scale * w).unflatten(-1, (-1, gs))                                # d/d(normed)
@@ -1323,11 +1336,10 @@ class _CacheUpdate(NamedTuple):
 
     def commit(self):
         if isinstance(self.ssm, _StepUpdate):
-            _apply_step(self.cache.ssm_state, _StepUpdate(*(t.detach() for t in self.ssm)),
-                        inplace=True)
+            _apply_step(self.cache.ssm_state, _StepUpdate(*map(_detached, self.ssm)), inplace=True)
         else:
-            self.cache.ssm_state.copy_(self.ssm.detach())
-        self.cache.conv_state.copy_(self.conv.detach())
+            self.cache.ssm_state.copy_(_detached(self.ssm))
+        self.cache.conv_state.copy_(_detached(self.conv))
 
     def final_state(self) -> torch.Tensor:
         """The state after the call, its own tensor (a later call must not change it)."""
@@ -1366,8 +1378,11 @@ class Mamba2(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
         A = torch.empty(cfg.nheads, dtype=torch.float32, device=device).uniform_(*cfg.A_init_range)
         self.A_log = nn.Parameter(torch.log(A).to(dtype))                   # A = -exp(A_log) < 0
+        # D in the default dtype as official (fp32 in a bf16 model), or in the module's dtype
+        # where that is wider: a float64 module keeps float64 throughout.
+        D_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.get_default_dtype())
         self.D = nn.Parameter(torch.ones(cfg.d_ssm if cfg.D_has_hdim else cfg.nheads,
-                                         device=device))
+                                         device=device, dtype=D_dtype))
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         if cfg.rmsnorm:
@@ -1382,7 +1397,7 @@ class Mamba2(nn.Module):
         D = self.D.view(cfg.nheads, cfg.headdim) if cfg.D_has_hdim else self.D
         return BlockWeights(
             conv_weight=self.conv1d.weight, conv_bias=self.conv1d.bias, dt_bias=self.dt_bias,
-            A=-torch.exp(A_log.to(_compute_dtype(A_log.dtype))), D=D, dt_limit=cfg.dt_limit,
+            A=-torch.exp(_cast(A_log, _compute_dtype(A_log.dtype))), D=D, dt_limit=cfg.dt_limit,
             chunk_size=min(cfg.chunk_size, CHUNK_LEN_CAP.get(A_log.device.type, cfg.chunk_size)),
             headdim=cfg.headdim, ngroups=cfg.ngroups,
             norm_weight=None if norm is None else norm.weight,
@@ -1490,6 +1505,10 @@ def _check_cache(name: str, cache, cfg: Mamba2Config, b: int, dtype, device):
         _check_writable(f"{name}.{part}", getattr(cache, part))
     if _shares_memory(cache.ssm_state, cache.conv_state):
         raise ValueError(f"{name}.ssm_state and {name}.conv_state share memory")
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach() if t.requires_grad else t
 
 
 def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -1648,8 +1667,8 @@ def _finite_keys(k, v):
     when there are none). A NaN key behind a masked score would still reach every query through
     softmax(-inf) * NaN; those queries that really see it get NaN instead (the honest result)."""
     bad = ~(torch.isfinite(k).flatten(2).all(-1) & torch.isfinite(v).flatten(2).all(-1))
-    if k.device.type == "cpu" and not bool(bad.any()):
-        return k, v, None
+    if k.device.type == "cpu" and k.shape[1] > 1 and not bool(bad.any()):   # (a decoding step
+        return k, v, None                                                   # never synchronises)
     keep = ~bad[..., None, None]
     return torch.where(keep, k, 0), torch.where(keep, v, 0), bad
 
@@ -1962,8 +1981,8 @@ class Block(nn.Module):
 
     def _add_norm(self, norm, hidden, residual):
         residual = hidden if residual is None else hidden + residual
-        hidden = norm(residual.to(norm.weight.dtype))
-        return hidden, residual.float() if self.residual_in_fp32 else residual
+        hidden = norm(_cast(residual, norm.weight.dtype))
+        return hidden, _cast(residual, torch.float32) if self.residual_in_fp32 else residual
 
     def forward(self, hidden, residual=None, cache=None, seq_idx=None, pending=None):
         """With a cache, the mixer's cache update is appended to `pending`, not written."""
@@ -2000,6 +2019,10 @@ class Mamba2Model(nn.Module):
     def _forward(self, input_ids, cache, seq_idx):
         """The hidden states and the caches' updates, none of them written yet."""
         self._check_inputs(input_ids, cache, seq_idx)
+        return self._run(input_ids, cache, seq_idx)
+
+    def _run(self, input_ids, cache, seq_idx):
+        """_forward without the checks (the decoding loop's step: see generate)."""
         hidden, residual, pending = self.embedding(input_ids), None, []    # (b, l, d_model)
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if cache is None else cache[i],
@@ -2126,6 +2149,17 @@ class Mamba2LMHeadModel(nn.Module):
             update.commit()
         return out
 
+    def _decode(self, tokens: torch.Tensor, cache: list) -> torch.Tensor:
+        """One token per row (b,) through the caches -> next-token logits (b, padded vocab): the
+        decoding loop's step. It checks nothing and synchronises nothing with the host — generate
+        checked the caches on the prompt's call, and the tokens it samples lie in range by
+        construction — and writes the caches only after every layer and the head have run."""
+        hidden, pending = self.backbone._run(tokens[:, None], cache, None)   # (b, 1, d_model)
+        logits = self.lm_head(hidden[:, 0])                                   # (b, padded vocab)
+        for update in pending:
+            update.commit()
+        return logits
+
     def allocate_inference_cache(self, batch_size: int, dtype=None, max_seqlen: int = 256) -> list:
         """One cache per layer (see Mamba2Model.allocate_inference_cache), accepted and updated in
         place by forward(cache=...)."""
@@ -2222,11 +2256,12 @@ class Mamba2LMHeadModel(nn.Module):
                  attention_mask: Optional[torch.Tensor] = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
-                 generator: Optional[torch.Generator] = None, streamer=None) -> torch.LongTensor:
+                 generator: Optional[torch.Generator] = None, streamer=None,
+                 cuda_graph: bool = False) -> torch.LongTensor:
         """Prompt (b, l) -> (b, l + new) tokens, with transformers' meanings; see `generate`."""
         return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature,
                         top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id,
-                        generator, streamer)
+                        generator, streamer, cuda_graph)
 
 
 class Mamba2ForSequenceClassification(nn.Module):
@@ -2831,11 +2866,44 @@ def process_logits(logits: torch.Tensor, seen: Optional[torch.Tensor] = None,
     return logits
 
 
+class _StaticDecode:
+    """The decoding step on static buffers — token ids in, logits out, the caches updated in
+    place — as a CUDA graph needs them: on CUDA it is captured once and replayed per token
+    (the official cg=True); elsewhere the very same step runs eagerly on the same buffers."""
+
+    def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int):
+        if any(isinstance(c, AttentionCache) for c in cache):
+            raise ValueError("cuda_graph=True decodes pure Mamba-2 models (an attention layer's "
+                             "step reads a growing number of keys)")
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
+        self.graph = None
+        if model.device.type == "cuda":
+            scratch = [InferenceCache(c.conv_state.clone(), c.ssm_state.clone()) for c in cache]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):                 # warm-up on copies of the caches
+                for _ in range(2):
+                    model._decode(self.tokens, scratch)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):            # records, runs nothing
+                self.logits = model._decode(self.tokens, cache)
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens)
+        if self.graph is None:
+            return self.model._decode(self.tokens, self.cache)
+        self.graph.replay()
+        return self.logits
+
+
 def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: int = 20,
              attention_mask: Optional[torch.Tensor] = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
-             generator: Optional[torch.Generator] = None, streamer=None) -> torch.LongTensor:
+             generator: Optional[torch.Generator] = None, streamer=None,
+             cuda_graph: bool = False) -> torch.LongTensor:
     """Autoregressive decoding: one chunked prefill of the prompt (logits for the last position
     only), then one constant-time step per token through the inference cache.
 
@@ -2844,7 +2912,12 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     int or list; a row that emits one is finished and padded with pad_token_id (default: the first
     eos id). Sampling as transformers (temperature 0 means greedy). streamer: put(tokens) is called
     with the prompt, then with each new (b,) token tensor; end() at the finish. Returns
-    (b, l + new) tokens.
+    (b, l + new) tokens. cuda_graph=True (CUDA, pure Mamba-2 models) replays each step from a
+    CUDA graph; the tokens are the same.
+
+    The steps never wait for the device: the prompt's ids are checked once, sampled ids are in
+    range by construction; with eos_token_id set, one check per step asks whether every row has
+    finished.
     """
     _check_tensor("input_ids", input_ids, (None, None), device=model.device,
                   dtypes=(torch.int64, torch.int32))
@@ -2866,6 +2939,10 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
         if not mask.all():
             seq_idx = mask.int()                        # pads: segment 0, the prompt: segment 1
     do_sample = do_sample and temperature > 0
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
 
     cache = model.allocate_inference_cache(b, max_seqlen=l + max_new_tokens)
     if streamer is not None:
@@ -2877,6 +2954,8 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
         rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, l)
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=input_ids.device)
         seen[rows[present], input_ids[present]] = True
+    step = _StaticDecode(model, cache, b) if cuda_graph else \
+        (lambda tokens: model._decode(tokens, cache))
     unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     out = [input_ids]
@@ -2898,7 +2977,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
             streamer.put(next_token.cpu())
         if (eos and not unfinished.any()) or i == max_new_tokens - 1:
             break
-        logits = model(next_token[:, None], cache=cache)[:, -1, :vocab]                # (b, V)
+        logits = step(next_token)[:, :vocab]                                           # (b, V)
     if streamer is not None:
         streamer.end()
     return torch.cat(out, dim=1)
