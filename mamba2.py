@@ -40,12 +40,13 @@ Layout of this file (read top to bottom):
      6. the block         BlockWeights, mamba2_block (the pipeline), Mamba2 (the layer),
                           mamba_split_conv1d_scan_combined (the official fused entry point)
      7. attention         rotary, AttentionCache, MHA: the attention layers of hybrid models
-     8. the model         GatedMLP, Block, Mamba2Model, Mamba2LMHeadModel,
+     8. context parallel  one sequence split across ranks (cp_group): states in, states out
+     9. the model         GatedMLP, Block, Mamba2Model, Mamba2LMHeadModel,
                           Mamba2ForSequenceClassification
-     9. the fused loss    next-token cross-entropy without the (tokens x vocabulary) logits
-    10. checkpoints       reading and writing the mamba_ssm and transformers formats
-    11. generation        sampling, left padding, eos, streaming
-    12. command line      python mamba2.py "prompt" --model ...
+    10. the fused loss    next-token cross-entropy without the (tokens x vocabulary) logits
+    11. checkpoints       reading and writing the mamba_ssm and transformers formats
+    12. generation        sampling, left padding, eos, streaming
+    13. command line      python mamba2.py "prompt" --model ...
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ DEFAULT_MODEL = str(Path(__file__).resolve().parent / "models" / "mamba2-pystdli
 NEOX_TOKENIZER = "EleutherAI/gpt-neox-20b"  # the state-spaces checkpoints ship no tokenizer
 
 
-# ======================================================================================= 1. config
+# ======================================================================================== 1. config
 
 @dataclass
 class Mamba2Config:
@@ -316,7 +317,7 @@ def _block_config(config=None, **kwargs) -> Mamba2Config:
     raise TypeError(f"config must be a Mamba2Config or d_model int, got {type(config).__name__}")
 
 
-# ================================================================================= 2. input checks
+# ================================================================================== 2. input checks
 
 def _shape_dtype(t) -> str:
     return f" of shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) else ""
@@ -441,7 +442,7 @@ def seq_idx_from_cu_seqlens(cu_seqlens: torch.Tensor, seqlen: int) -> torch.Tens
     return ids.repeat_interleave(lengths).unsqueeze(0)                       # (1, l)
 
 
-# ============================================================================== 3. functional core
+# =============================================================================== 3. functional core
 
 def _recording(*tensors) -> bool:
     """Whether autograd records an operation on these tensors (None allowed). Where it does not, the
@@ -1037,7 +1038,7 @@ def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float(
 
 
 
-# ========================================================================================= 4. norm
+# ========================================================================================== 4. norm
 
 def rms_norm_gated(x: torch.Tensor, z: Optional[torch.Tensor], weight: torch.Tensor,
                    eps: float = 1e-5, group_size: Optional[int] = None,
@@ -1151,7 +1152,7 @@ class RMSNormGated(nn.Module):
                 f"norm_before_gate={self.norm_before_gate}")
 
 
-# ======================================================================================== 5. cache
+# ========================================================================================= 5. cache
 
 class InferenceCache:
     """Per-layer decoding state: the last d_conv inputs of the convolution and the SSM state.
@@ -1194,7 +1195,7 @@ class InferenceCache:
                 f"device={self.ssm_state.device})")
 
 
-# ==================================================================================== 6. the block
+# ===================================================================================== 6. the block
 
 class BlockWeights(NamedTuple):
     """What a Mamba-2 block computes with after in_proj: its weights and options, built in one
@@ -1315,14 +1316,22 @@ def _in_spans(u, w: BlockWeights, initial_states=None, seq_idx=None, conv_state=
     for start in range(0, l, span_len):
         end = min(start + span_len, l)
         seg = None if seq_idx is None else seq_idx[:, start:end]
-        if seg is not None and start > 0:   # a segment that starts here inherits no state
-            keep = seq_idx[:, start] == seq_idx[:, start - 1]                 # (b,)
-            conv_state = torch.where(keep[:, None, None], conv_state, 0)
-            fresh = 0 if w.init_states is None else w.init_states.to(state.dtype)
-            state = torch.where(keep[:, None, None, None], state, fresh)
+        if seg is not None and start > 0:
+            state, conv_state = _continue_segments(w, state, conv_state, seq_idx[:, start - 1],
+                                                   seg)
         y, state, conv_state = run(u[:, start:end], w, state, seg, conv_state, False)
         outs.append(y)
     return torch.cat(outs, dim=1), state, conv_state
+
+
+def _continue_segments(w: BlockWeights, state, conv_state, last_seq_idx, seq_idx):
+    """The states a span (or the next rank's piece) starts from, given those the previous one
+    left (b, h, p, n), (b, conv_dim, w) and its last token's segment id (b,): a row whose segment
+    goes on keeps them; a row whose segment starts here inherits nothing (init_states, zeros)."""
+    keep = seq_idx[:, 0] == last_seq_idx                                        # (b,)
+    conv_state = torch.where(keep[:, None, None], conv_state, 0)
+    fresh = 0 if w.init_states is None else w.init_states.to(state.dtype)
+    return torch.where(keep[:, None, None, None], state, fresh), conv_state
 
 
 class _CacheUpdate(NamedTuple):
@@ -1408,7 +1417,7 @@ class Mamba2(nn.Module):
     def forward(self, u: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
                 initial_states: Optional[torch.Tensor] = None, return_final_states: bool = False,
-                cache: Optional[InferenceCache] = None):
+                cache: Optional[InferenceCache] = None, cp_group=None):
         """u: (b, l, d_model) -> y (b, l, d_model) [, final_states (b, h, p, n)].
 
         seq_idx (b, l) / cu_seqlens (k+1,): packed sequences that never see each other; each
@@ -1420,8 +1429,22 @@ class Mamba2(nn.Module):
         Gradients: explicit states (initial_states -> return_final_states) carry them like the
         whole sequence would; a cache holds detached states, so backpropagation through cached
         calls stops at each call (truncated backpropagation through time).
+
+        cp_group (a torch.distributed process group): context parallelism, see section 8. u is
+        this rank's piece of one sequence split over the group's ranks in order; initial_states
+        (and a cache's start) belong to the first rank; the final states are those of the whole
+        sequence on every rank (differentiable on the last one, which computes them).
         """
-        seq_idx, initial_states = self._check_inputs(u, seq_idx, cu_seqlens, initial_states, cache)
+        def check():
+            return self._check_inputs(u, seq_idx, cu_seqlens, initial_states, cache, cp_group)
+        seq_idx, initial_states = check() if cp_group is None else \
+            _checked_on_every_rank(cp_group, check)
+        if cp_group is not None:
+            y, final, update = self._across_ranks(u, seq_idx, initial_states, cache, cp_group,
+                                                  return_final_states)
+            if update is not None:
+                update.commit()
+            return (y, final) if return_final_states else y
         if cache is not None:
             y, update = self._through_cache(u, cache, seq_idx)
             final = update.final_state() if return_final_states else None   # before the write
@@ -1443,7 +1466,38 @@ class Mamba2(nn.Module):
         y, new_ssm, new_conv = _in_spans(u, self.weights(), ssm, seq_idx, conv, step=step)
         return y, _CacheUpdate(cache, new_ssm, new_conv, ssm)
 
-    def _check_inputs(self, u, seq_idx, cu_seqlens, initial_states, cache):
+    def _across_ranks(self, u, seq_idx, initial_states, cache, group, final: bool):
+        """The block over this rank's piece of a sequence split across `group` (section 8):
+        the states the previous rank's piece leaves come in, this piece's go on to the next rank.
+        Returns (y, the whole sequence's final state or None, the cache's update or None)."""
+        rank, pieces = _check_pieces(group, u, seq_idx, "u")
+        w = self.weights()
+        conv_dtype = torch.get_autocast_dtype(u.device.type) \
+            if torch.is_autocast_enabled(u.device.type) else w.conv_weight.dtype
+        if rank > 0:   # the state and conv window left by the pieces before this one
+            shapes = [((u.shape[0], w.nheads, w.headdim, w.d_state), _compute_dtype(conv_dtype)),
+                      ((u.shape[0], self.config.conv_dim, self.config.d_conv), conv_dtype)]
+            state, conv, last_seq_idx = _receive_states(group, rank - 1, shapes, seq_idx,
+                                                        u.device, self.layer_idx)
+            if seq_idx is not None:
+                state, conv = _continue_segments(w, state, conv, last_seq_idx, seq_idx)
+        elif cache is not None:
+            state, conv = cache.ssm_state, cache.conv_state
+            if torch.is_grad_enabled():
+                state, conv = state.clone(), conv.clone()
+        else:
+            state, conv = initial_states, None
+            if state is None:
+                state = self._learned_start(u.shape[0])
+        checkpoint = self.config.use_mem_eff_path and _recording(u, *self.parameters())
+        y, new_state, new_conv = _in_spans(u, w, state, seq_idx, conv, checkpoint=checkpoint)
+        if rank < len(pieces) - 1:
+            y = _send_states(y, group, rank + 1, (new_state, new_conv), seq_idx, self.layer_idx)
+        whole = _from_last_rank(group, new_state) if final else None
+        update = None if cache is None else _CacheUpdate(cache, new_state, new_conv, state)
+        return y, whole, update
+
+    def _check_inputs(self, u, seq_idx, cu_seqlens, initial_states, cache, cp_group=None):
         cfg = self.config
         _check_tensor("u", u, (None, None, cfg.d_model), floating=True)
         b, l, _ = u.shape
@@ -1467,14 +1521,22 @@ class Mamba2(nn.Module):
         shape = (b, cfg.nheads, cfg.headdim, cfg.d_state)
         if initial_states is not None:
             _check_tensor("initial_states", initial_states, shape, floating=True, device=u.device)
+        if cp_group is not None:
+            _check_cp_inputs(cp_group, initial_states, cu_seqlens)
         if cache is not None:
             if initial_states is not None:
                 raise ValueError("pass either initial_states or a cache (whose ssm_state is the "
                                  "start), not both")
             _check_cache("cache", cache, cfg, b, self.in_proj.weight.dtype, u.device)
-        elif initial_states is None and cfg.learnable_init_states:
-            initial_states = self.init_states.expand(b, *self.init_states.shape)
+        elif initial_states is None:
+            initial_states = self._learned_start(b)
         return seq_idx, initial_states
+
+    def _learned_start(self, b: int) -> Optional[torch.Tensor]:
+        """The learned initial state for b rows (b, h, p, n), or None (zeros) without one."""
+        if not self.config.learnable_init_states:
+            return None
+        return self.init_states.expand(b, *self.init_states.shape)
 
     def allocate_inference_cache(self, batch_size: int, dtype=None, device=None) -> InferenceCache:
         """A cache for this block, on its device; it starts from init_states when learned."""
@@ -1612,7 +1674,7 @@ def _combined_weights(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_s
                         out_proj_weight=outproj_weight, out_proj_bias=outproj_bias)
 
 
-# =================================================================================== 7. attention
+# ===================================================================================== 7. attention
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, dim: int, base: float = 10000.0,
            interleaved: bool = False) -> torch.Tensor:
@@ -1812,21 +1874,44 @@ class MHA(nn.Module):
                                   config.d_model, bias=a["out_proj_bias"], **factory)
 
     def forward(self, x: torch.Tensor, seq_idx: Optional[torch.Tensor] = None,
-                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+                cache: Optional[AttentionCache] = None, cp_group=None) -> torch.Tensor:
         """x (b, l, d_model) -> (b, l, d_model); seq_idx packs segments (block-diagonal
-        attention); cache: an AttentionCache to continue and to append to."""
-        _check_tensor("x", x, (None, None, self.config.d_model), floating=True)
-        b, l, _ = x.shape
-        if l < 1 or b < 1:
-            raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
-        if seq_idx is not None:
-            _check_seq_idx(seq_idx, b, l, x.device)
-        if cache is None:
+        attention); cache: an AttentionCache to continue and to append to; cp_group: x is this
+        rank's piece of a sequence split across the group (section 8)."""
+        def check():
+            _check_tensor("x", x, (None, None, self.config.d_model), floating=True)
+            b, l, _ = x.shape
+            if l < 1 or b < 1:
+                raise ValueError(f"x must hold at least one token, got shape {tuple(x.shape)}")
+            if seq_idx is not None:
+                _check_seq_idx(seq_idx, b, l, x.device)
+            if cache is not None:
+                _check_attention_cache("cache", cache, self, b, self.in_proj.weight.dtype,
+                                       x.device)
+        if cp_group is not None:
+            _checked_on_every_rank(cp_group, check)
+            y, update = self._across_ranks(x, seq_idx, cache, cp_group)
+        elif cache is None:
+            check()
             return self._run(x, seq_idx)[0]
-        _check_attention_cache("cache", cache, self, b, self.in_proj.weight.dtype, x.device)
-        y, update = self._through_cache(x, cache, seq_idx)
-        update.commit()
+        else:
+            check()
+            y, update = self._through_cache(x, cache, seq_idx)
+        if update is not None:
+            update.commit()
         return y
+
+    def _across_ranks(self, x, seq_idx, cache, group):
+        """Attention for this rank's queries over the keys of the whole sequence: the pieces'
+        inputs are gathered, and the layer runs on the whole (each rank's cache gets every key).
+        Returns (this piece's output, the cache's update or None)."""
+        rank, lengths = _check_pieces(group, x, seq_idx, "x")
+        whole = _gather_pieces(x, group, lengths)                          # (b, sum l_r, d)
+        whole_seq_idx = None if seq_idx is None else \
+            _gather_pieces(seq_idx.to(torch.int64), group, lengths)
+        y, update = self._run(whole, whole_seq_idx, cache)
+        start = sum(lengths[:rank])
+        return y[:, start:start + x.shape[1]], update
 
     def _through_cache(self, x, cache: AttentionCache, seq_idx):
         return self._run(x, seq_idx, cache)
@@ -1942,7 +2027,221 @@ def _check_attention_cache(name: str, cache, mha: MHA, b: int, dtype, device):
         _check_writable(f"{name}.{part}", getattr(cache, part))
 
 
-# ==================================================================================== 8. the model
+# =========================================================================== 8. context parallelism
+#
+# One long sequence split across the K ranks of a torch.distributed process group (cp_group):
+# rank r holds the contiguous piece r (pieces in group-rank order; lengths may differ). A Mamba-2
+# layer needs from the pieces before its own only what a cache holds — the SSM state (b, h, p, n)
+# and the conv window (b, conv_dim, d_conv) — so rank r receives them from rank r - 1, runs the
+# block on its piece from them, and sends its own on to rank r + 1: a few hundred kilobytes per
+# layer whatever the length, and exact (the same hand-over as between spans). The ranks form a
+# wavefront: rank r runs layer i while rank r + 1 waits for it, then both run on. In backward
+# the gradients of those states travel the other way. Attention layers need every earlier key:
+# their input is all-gathered (communication and attention work grow with the length there).
+# Every rank of the group must make the same calls, and backpropagate when one does.
+
+def _check_cp_group(group):
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("cp_group needs torch.distributed initialised (init_process_group)")
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"cp_group must be a torch.distributed ProcessGroup (e.g. "
+                        f"dist.new_group(ranks) or dist.group.WORLD), got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError("cp_group does not contain this process")
+
+
+def _check_cp_inputs(group, initial_states, cu_seqlens):
+    import torch.distributed as dist
+    if cu_seqlens is not None:
+        raise ValueError("cu_seqlens cannot describe one rank's piece: pass seq_idx with cp_group")
+    if initial_states is not None and dist.get_rank(group) > 0:
+        raise ValueError(f"initial_states belong to the first rank's piece with cp_group; this "
+                         f"is rank {dist.get_rank(group)} of the group")
+
+
+def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] = None):
+    """check()'s result. If it (or an earlier `problem`) fails on any rank of the group, every
+    rank raises — this one its own error, the others a ValueError naming it — and none is left
+    waiting for a message that will not come."""
+    import torch.distributed as dist
+    _check_cp_group(group)
+    result = None
+    if problem is None:
+        try:
+            result = check()
+        except (ValueError, TypeError) as e:
+            problem = e
+    mine = torch.tensor([problem is not None], dtype=torch.int64,
+                        device=_comm_device(group, torch.device("cpu")))
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    if problem is not None:
+        raise problem
+    refused = [r for r, flag in enumerate(every) if flag.item()]
+    if refused:
+        raise ValueError(f"cp_group rank(s) {refused} refused their piece of this call (their "
+                         f"error says why); every rank stops")
+    return result
+
+
+_CP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _comm_device(group, device: torch.device) -> torch.device:
+    import torch.distributed as dist
+    return device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+
+
+def _check_pieces(group, x: torch.Tensor, seq_idx, name: str):
+    """Every rank's (batch, length, packing, recording, dtype) gathered: (rank, lengths). A rank
+    whose call does not fit the others' raises here, on every rank, before anything is sent."""
+    import torch.distributed as dist
+    recording = torch.is_grad_enabled()
+    dtype = _CP_DTYPES.index(x.dtype) if x.dtype in _CP_DTYPES else -1
+    mine = torch.tensor([x.shape[0], x.shape[1], seq_idx is not None, recording, dtype],
+                        dtype=torch.int64, device=_comm_device(group, x.device))
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    every = torch.stack(every).tolist()                                     # (K, 5)
+    for what, col in (("batch size", 0), ("seq_idx given", 2), ("grad mode", 3), ("dtype", 4)):
+        if len({row[col] for row in every}) > 1:
+            raise ValueError(f"with cp_group every rank's {name} must agree in {what}; got "
+                             f"{[row[col] for row in every]} across the ranks")
+    return dist.get_rank(group), [row[1] for row in every]
+
+
+class _SendStates(torch.autograd.Function):
+    """Identity on `out`, sending `states` to global rank `dst` on the way (forward) and receiving
+    their gradients from it on the way back (backward). `out` carries the send into the graph."""
+
+    @staticmethod
+    def forward(ctx, out, group, dst, tag, *states):
+        import torch.distributed as dist
+        for s in states:
+            dist.send(s.detach().contiguous(), dst, group=group, tag=tag)
+        ctx.group, ctx.dst, ctx.tag = group, dst, tag
+        ctx.specs = [(s.shape, s.dtype, s.device) for s in states]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, dout):
+        import torch.distributed as dist
+        grads = []
+        for shape, dtype, device in ctx.specs:
+            g = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(g, ctx.dst, group=ctx.group, tag=ctx.tag)
+            grads.append(g)
+        return (dout, None, None, None, *grads)
+
+
+class _ReceiveStates(torch.autograd.Function):
+    """The states global rank `src` sends (forward); their gradients go back to it (backward).
+    `anchor` (empty, requiring grad while autograd records) puts the received states in the
+    graph."""
+
+    @staticmethod
+    def forward(ctx, anchor, group, src, tag, specs):
+        import torch.distributed as dist
+        out = []
+        for shape, dtype, device in specs:
+            t = torch.empty(shape, dtype=dtype, device=device)
+            dist.recv(t, src, group=group, tag=tag)
+            out.append(t)
+        ctx.group, ctx.src, ctx.tag = group, src, tag
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        import torch.distributed as dist
+        for g in grads:
+            dist.send(g.contiguous(), ctx.src, group=ctx.group, tag=ctx.tag)
+        return None, None, None, None, None
+
+
+def _receive_states(group, src: int, shapes, seq_idx, device, tag):
+    """(state, conv window, last segment id or None) from group rank `src`'s piece."""
+    import torch.distributed as dist
+    src, tag, cdev = dist.get_global_rank(group, src), tag or 0, _comm_device(group, device)
+    last = None
+    if seq_idx is not None:
+        last = torch.empty(seq_idx.shape[0], dtype=torch.int64, device=cdev)
+        dist.recv(last, src, group=group, tag=tag)
+        last = last.to(device)
+    anchor = torch.empty(0, device=cdev, requires_grad=torch.is_grad_enabled())
+    state, conv = _ReceiveStates.apply(anchor, group, src, tag,
+                                       [(shape, dtype, cdev) for shape, dtype in shapes])
+    return state.to(device), conv.to(device), last
+
+
+def _send_states(y, group, dst: int, states, seq_idx, tag):
+    """y, with `states` sent to group rank `dst` (their gradients come back through y)."""
+    import torch.distributed as dist
+    dst, tag = dist.get_global_rank(group, dst), tag or 0
+    cdev = _comm_device(group, y.device)
+    if seq_idx is not None:
+        dist.send(seq_idx[:, -1].to(cdev, torch.int64).contiguous(), dst, group=group, tag=tag)
+    state, conv = states
+    return _SendStates.apply(y, group, dst, tag, state.to(cdev), conv.to(cdev))
+
+
+def _from_last_rank(group, t: torch.Tensor) -> torch.Tensor:
+    """The last rank's t on every rank (a detached copy off the last rank)."""
+    import torch.distributed as dist
+    last = dist.get_world_size(group) - 1
+    if dist.get_rank(group) == last:
+        dist.broadcast(t.detach().to(_comm_device(group, t.device)).contiguous(),
+                       dist.get_global_rank(group, last), group=group)
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=_comm_device(group, t.device))
+    dist.broadcast(out, dist.get_global_rank(group, last), group=group)
+    return out.to(t.device)
+
+
+class _GatherPieces(torch.autograd.Function):
+    """Every rank's piece (b, l_r, ...) joined in rank order (b, sum l_r, ...); in backward each
+    piece takes the sum over the ranks of the gradient of its positions."""
+
+    @staticmethod
+    def forward(ctx, x, group, lengths):
+        import torch.distributed as dist
+        pad = max(lengths) - x.shape[1]
+        padded = torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], 1) if pad else x
+        parts = [torch.empty_like(padded) for _ in lengths]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        ctx.group, ctx.lengths, ctx.rank = group, lengths, dist.get_rank(group)
+        return torch.cat([p[:, :n] for p, n in zip(parts, lengths)], 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        start = sum(ctx.lengths[:ctx.rank])
+        return grad[:, start:start + ctx.lengths[ctx.rank]], None, None
+
+
+def _gather_pieces(x: torch.Tensor, group, lengths) -> torch.Tensor:
+    cdev = _comm_device(group, x.device)
+    return _GatherPieces.apply(x.to(cdev), group, lengths).to(x.device)
+
+
+def _next_tokens_across_ranks(labels: torch.Tensor, group) -> torch.Tensor:
+    """The label after each row's last position (b,): the next rank's first, -100 on the last."""
+    import torch.distributed as dist
+    rank, k = dist.get_rank(group), dist.get_world_size(group)
+    cdev = _comm_device(group, labels.device)
+    tag = 1 << 20                                   # apart from the layers' tags
+    if rank > 0:
+        dist.send(labels[:, 0].to(cdev, torch.int64).contiguous(),
+                  dist.get_global_rank(group, rank - 1), group=group, tag=tag)
+    nxt = torch.full((labels.shape[0],), -100, dtype=torch.int64, device=cdev)
+    if rank < k - 1:
+        dist.recv(nxt, dist.get_global_rank(group, rank + 1), group=group, tag=tag)
+    return nxt.to(labels.device)
+
+
+# ===================================================================================== 9. the model
 
 class GatedMLP(nn.Module):
     """Official GatedMLP: fc1 -> (y, gate) -> y * silu(gate) -> fc2; hidden rounded up to 128s."""
@@ -1984,10 +2283,19 @@ class Block(nn.Module):
         hidden = norm(_cast(residual, norm.weight.dtype))
         return hidden, _cast(residual, torch.float32) if self.residual_in_fp32 else residual
 
-    def forward(self, hidden, residual=None, cache=None, seq_idx=None, pending=None):
+    def forward(self, hidden, residual=None, cache=None, seq_idx=None, pending=None,
+                cp_group=None):
         """With a cache, the mixer's cache update is appended to `pending`, not written."""
         hidden, residual = self._add_norm(self.norm, hidden, residual)
-        if cache is None:
+        if cp_group is not None:
+            if isinstance(self.mixer, MHA):
+                hidden, update = self.mixer._across_ranks(hidden, seq_idx, cache, cp_group)
+            else:
+                hidden, _, update = self.mixer._across_ranks(hidden, seq_idx, None, cache,
+                                                             cp_group, final=False)
+            if update is not None:
+                pending.append(update)
+        elif cache is None:
             hidden = self.mixer(hidden, seq_idx=seq_idx)
         else:
             hidden, update = self.mixer._through_cache(hidden, cache, seq_idx)
@@ -2010,23 +2318,31 @@ class Mamba2Model(nn.Module):
         self.norm_f = _residual_norm(config, device, dtype)
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[list] = None,
-                seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        hidden, pending = self._forward(input_ids, cache, seq_idx)
+                seq_idx: Optional[torch.Tensor] = None, cp_group=None) -> torch.Tensor:
+        """input_ids (b, l) -> hidden states (b, l, d_model). cp_group: input_ids is this rank's
+        piece of sequences split across the group's ranks in order (section 8); with a cache
+        (from fresh caches: a prefill), the last rank's cache ends as one process's would."""
+        hidden, pending = self._forward(input_ids, cache, seq_idx, cp_group)
         for update in pending:                  # every layer has run: now the caches move on
             update.commit()
         return hidden
 
-    def _forward(self, input_ids, cache, seq_idx):
-        """The hidden states and the caches' updates, none of them written yet."""
-        self._check_inputs(input_ids, cache, seq_idx)
-        return self._run(input_ids, cache, seq_idx)
+    def _forward(self, input_ids, cache, seq_idx, cp_group=None, problem=None):
+        """The hidden states and the caches' updates, none of them written yet. (`problem`: a
+        caller's check that failed, to be raised on every rank of cp_group.)"""
+        if cp_group is None:
+            self._check_inputs(input_ids, cache, seq_idx)
+        else:
+            _checked_on_every_rank(cp_group,
+                                   lambda: self._check_inputs(input_ids, cache, seq_idx), problem)
+        return self._run(input_ids, cache, seq_idx, cp_group)
 
-    def _run(self, input_ids, cache, seq_idx):
+    def _run(self, input_ids, cache, seq_idx, cp_group=None):
         """_forward without the checks (the decoding loop's step: see generate)."""
         hidden, residual, pending = self.embedding(input_ids), None, []    # (b, l, d_model)
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if cache is None else cache[i],
-                                     seq_idx, pending)
+                                     seq_idx, pending, cp_group)
         residual = hidden if residual is None else hidden + residual
         return self.norm_f(residual.to(self.norm_f.weight.dtype)), pending
 
@@ -2117,14 +2433,43 @@ class Mamba2LMHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[list] = None,
                 seq_idx: Optional[torch.Tensor] = None, num_last_tokens: int = 0,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+                labels: Optional[torch.Tensor] = None, cp_group=None) -> torch.Tensor:
         """input_ids (b, l) -> logits (b, l or num_last_tokens, padded vocab).
 
         With labels (b, l) it returns the mean next-token cross-entropy instead: position t
         predicts labels[:, t+1] (shifted inside, as in transformers), labels of -100 are ignored,
         and the distribution is over the vocab_size real tokens (the vocabulary padding is never a
         target, nor sampled by generate). It is computed without the logits (_LinearCrossEntropy):
-        a fraction of the memory of a loss on returned logits, at about the same speed."""
+        a fraction of the memory of a loss on returned logits, at about the same speed.
+
+        cp_group: input_ids (and labels) are this rank's piece of sequences split across the
+        group (section 8); logits are this piece's (num_last_tokens: its last ones). With labels,
+        every rank returns the loss of the whole sequences (a piece's last position predicts the
+        next rank's first label); its gradient is this piece's share, so that the gradients
+        summed over the ranks are those of the whole."""
+        problem = None
+        try:
+            self._check_inputs(input_ids, num_last_tokens, labels)
+        except (ValueError, TypeError) as e:
+            if cp_group is None:
+                raise
+            problem = e                     # raised on every rank by the backbone's check
+        hidden, pending = self.backbone._forward(input_ids, cache, seq_idx, cp_group, problem)
+        if labels is not None and cp_group is not None:
+            out = self._loss_across_ranks(hidden, labels, cp_group)
+        elif labels is not None:
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)    # (b, l): the next token, or none
+            out = _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight,
+                                            targets.flatten(), -100, self.config.vocab_size, None)
+        else:
+            if num_last_tokens > 0:
+                hidden = hidden[:, -num_last_tokens:]              # logits only where needed
+            out = self.lm_head(hidden)                             # (b, l', padded vocab)
+        for update in pending:                  # the whole call has succeeded: caches move on
+            update.commit()
+        return out
+
+    def _check_inputs(self, input_ids, num_last_tokens, labels):
         _check_tensor("input_ids", input_ids, (None, None), device=self.device,
                       dtypes=(torch.int64, torch.int32))
         _check_int("num_last_tokens", num_last_tokens, minimum=0)
@@ -2136,18 +2481,21 @@ class Mamba2LMHeadModel(nn.Module):
             if num_last_tokens:
                 raise ValueError(f"labels take the loss over every position; num_last_tokens "
                                  f"must be 0, got {num_last_tokens}")
-        hidden, pending = self.backbone._forward(input_ids, cache, seq_idx)   # (b, l, d_model)
-        if labels is not None:
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100)    # (b, l): the next token, or none
-            out = _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight,
-                                            targets.flatten(), -100, self.config.vocab_size)
-        else:
-            if num_last_tokens > 0:
-                hidden = hidden[:, -num_last_tokens:]              # logits only where needed
-            out = self.lm_head(hidden)                             # (b, l', padded vocab)
-        for update in pending:                  # the whole call has succeeded: caches move on
-            update.commit()
-        return out
+
+    def _loss_across_ranks(self, hidden, labels, group):
+        """The whole sequences' mean next-token loss on every rank, differentiable in this
+        piece's share: (this piece's sum of losses) / (the whole's count of targets)."""
+        import torch.distributed as dist
+        nxt = _next_tokens_across_ranks(labels, group)                        # (b,)
+        targets = torch.cat([labels[:, 1:], nxt[:, None].to(labels.dtype)], 1).flatten()
+        cdev = _comm_device(group, labels.device)
+        count = (targets != -100).sum().to(cdev, _compute_dtype(hidden.dtype))
+        dist.all_reduce(count, group=group)                                    # whole's targets
+        share = _LinearCrossEntropy.apply(hidden.flatten(0, 1), self.lm_head.weight, targets,
+                                          -100, self.config.vocab_size, count.to(hidden.device))
+        whole = share.detach().to(cdev).clone()
+        dist.all_reduce(whole, group=group)
+        return share + (whole.to(share.device) - share.detach())
 
     def _decode(self, tokens: torch.Tensor, cache: list) -> torch.Tensor:
         """One token per row (b,) through the caches -> next-token logits (b, padded vocab): the
@@ -2320,7 +2668,7 @@ def _check_attention_mask(attention_mask, input_ids, contiguous_only=False, left
     return mask
 
 
-# =============================================================================== 9. the fused loss
+# =============================================================================== 10. the fused loss
 
 # Tokens per chunk of the fused loss: at most 2^25 logits (128 MB in fp32) exist at a time.
 LOSS_CHUNK_LOGITS = 1 << 25
@@ -2335,7 +2683,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     fraction of the memory. Rows of weight past `vocab` (vocabulary padding) get zero gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, vocab):
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab, count=None):
         n, full, hidden_in, hidden_dtype = hidden.shape[0], weight, hidden, hidden.dtype
         cdt = _compute_dtype(weight.dtype)
         device = hidden.device.type
@@ -2344,7 +2692,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hidden, weight = hidden.to(low), weight.to(low)
         weight = weight[:vocab]                                               # (vocab, d) real
         valid = targets != ignore_index                                       # (n,)
-        scale = 1.0 / valid.sum().to(cdt)                                     # mean over valid
+        # the mean over the valid targets, or the sum over `count` (a whole split across ranks)
+        scale = 1.0 / (valid.sum() if count is None else count).to(cdt)
         grads = any(ctx.needs_input_grad[:2])
         dhidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         dweight = torch.zeros(full.shape, dtype=cdt, device=full.device) \
@@ -2370,6 +2719,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(None if dhidden is None else dhidden.to(hidden_dtype), dweight,
                               hidden_in, full, targets)
         ctx.weight_dtype, ctx.ignore_index, ctx.vocab = full.dtype, ignore_index, vocab
+        ctx.scale = scale
         return total * scale
 
     @staticmethod
@@ -2377,15 +2727,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dhidden, dweight, hidden, weight, targets = ctx.saved_tensors
         if torch.is_grad_enabled():   # create_graph: the loss re-run on the logits, recorded
             logits = (hidden @ weight[:ctx.vocab].t()).to(_compute_dtype(weight.dtype))
-            loss = F.cross_entropy(logits, targets, ignore_index=ctx.ignore_index)
+            loss = F.cross_entropy(logits, targets, ignore_index=ctx.ignore_index,
+                                   reduction="sum") * ctx.scale
             return _grad_of_recorded((loss,), (dloss,), (hidden, weight),
-                                     ctx.needs_input_grad) + (None, None, None)
+                                     ctx.needs_input_grad) + (None, None, None, None)
         dhidden = None if dhidden is None else dhidden * dloss.to(dhidden.dtype)
         dweight = None if dweight is None else (dweight * dloss).to(ctx.weight_dtype)
-        return dhidden, dweight, None, None, None
+        return dhidden, dweight, None, None, None, None
 
 
-# ================================================================================= 10. checkpoints
+# ================================================================================== 11. checkpoints
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -2789,7 +3140,7 @@ def _write_checkpoint(directory: Path, files: dict):
             file.unlink()
 
 
-# =================================================================================== 11. generation
+# =================================================================================== 12. generation
 
 def _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty):
     def is_int(v):
@@ -2983,7 +3334,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     return torch.cat(out, dim=1)
 
 
-# ================================================================================= 12. command line
+# ================================================================================= 13. command line
 
 class TextStreamer:
     """Prints decoded text as tokens arrive (batch size 1); put/end as transformers' streamers."""

@@ -25,6 +25,17 @@ Other entry points::
     python train.py plot models/mamba2-pystdlib   # redraw loss.png from the log
     python train.py ... --resume             # continue from <out>/ckpt/ckpt.pt
 
+Several processes (one per GPU, or CPU processes with gloo)::
+
+    torchrun --standalone --nproc_per_node 4 train.py ...           # DDP
+    torchrun --standalone --nproc_per_node 4 train.py ... --fsdp    # FSDP2 fully_shard
+    torchrun --standalone --nproc_per_node 4 train.py ... --context-parallel 2
+
+``--batch-size`` is the global batch (each of the world / K data-parallel ranks reads its
+share of every batch), so a run trains on the same batches, and matches one process, whatever
+the number of ranks; a checkpoint holds the whole state and resumes on any number of ranks.
+Rank 0 alone prints and writes files.
+
 The subcommand ``prepare`` needs the ``tokenizers`` package; training needs
 only ``torch`` and ``mamba2.py`` (``tqdm`` and ``matplotlib`` are optional).
 """
@@ -34,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -43,9 +55,10 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from mamba2 import Mamba2Config, Mamba2LMHeadModel
 
@@ -289,8 +302,8 @@ def prepare(argv=None) -> dict:
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     for split in ("train", "val"):
         s = meta[split]
-        print(f"{split:5s}: {s['files']:5d} files {s['chars']:>10,d} chars {s['tokens']:>9,d} tokens "
-              f"({meta['chars_per_token'][split]:.2f} chars/token)")
+        print(f"{split:5s}: {s['files']:5d} files {s['chars']:>10,d} chars "
+              f"{s['tokens']:>9,d} tokens ({meta['chars_per_token'][split]:.2f} chars/token)")
     print(f"tokenizer: vocab {meta['vocab_size']}, eos id {eos_id}")
     print(check_tokenizer_roundtrip(out, val_docs or train_docs))
     print(f"wrote {out}/ in {time.time() - t0:.1f}s")
@@ -333,11 +346,14 @@ def synthetic_dataset() -> dict:
 
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
-              gen: torch.Generator, device: str):
-    """Sample ``batch_size`` random windows of ``seq_len + 1`` tokens (int64): each of the first ``seq_len``
-    positions predicts the token after it."""
+              gen: torch.Generator, device: str, part: slice = slice(None)):
+    """Sample ``batch_size`` random windows of ``seq_len + 1`` tokens (int64): each of the first
+    ``seq_len`` positions predicts the token after it.
+
+    Every rank draws the same ``batch_size`` starts (the generator advances alike everywhere) and
+    reads only the rows ``part`` of that global batch."""
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen)
-    return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long().to(device)
+    return torch.stack([data[s:s + seq_len + 1] for s in starts[part].tolist()]).long().to(device)
 
 
 def eval_windows(val: torch.Tensor, seq_len: int, max_tokens: int) -> int:
@@ -387,39 +403,217 @@ def ngram_baselines(train: torch.Tensor, val: torch.Tensor, vocab_size: int) -> 
 
 
 # --------------------------------------------------------------------------
+# Distributed training (torchrun): data parallel (DDP or FSDP2) x context parallel
+# --------------------------------------------------------------------------
+
+def torchrun_world() -> Optional[int]:
+    """``WORLD_SIZE`` when started by torchrun (``RANK`` and ``WORLD_SIZE`` set), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+@dataclasses.dataclass
+class Dist:
+    """This process's place in the job; one plain process is rank 0 of a world of 1.
+
+    Ranks ``[g*cp, (g+1)*cp)`` form context-parallel group ``g``: they read the same rows and
+    each takes one piece of every sequence. The ``world // cp`` groups are the data-parallel
+    replicas: data-parallel rank ``g`` reads rows ``[g*b, (g+1)*b)`` of each global batch.
+    """
+    rank: int = 0
+    world: int = 1
+    cp: int = 1                  # --context-parallel
+    device: str = "cpu"
+    fsdp: bool = False
+    launched: bool = False       # by torchrun: a process group exists
+    cp_group: object = None      # this rank's context-parallel process group (cp > 1)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp(self) -> int:
+        return self.world // self.cp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.cp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch of ``batch_size`` sequences."""
+        per = batch_size // self.dp
+        return slice(self.dp_rank * per, (self.dp_rank + 1) * per)
+
+    def print(self, *args, **kwargs) -> None:
+        if self.master:
+            print(*args, **kwargs)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over all ranks (float64), or ``values`` as they are in one process."""
+        if not self.launched:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over all ranks (``value`` itself in one process)."""
+        return self.sum([value])[0] / self.world if self.launched else value
+
+    def close(self, ok: bool) -> None:
+        if self.launched:
+            if ok:
+                dist.barrier()   # rank 0 has written everything
+            dist.destroy_process_group()
+
+
+def setup_distributed(args) -> Dist:
+    """Join the torchrun job (gloo on CPU, nccl on CUDA; one GPU per rank, LOCAL_RANK) and form
+    the context-parallel groups; without torchrun, a world of one and no process group."""
+    world = torchrun_world()
+    if world is None:
+        return Dist(device=args.device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    K, cp_group = args.context_parallel, None
+    if K > 1:   # every rank creates every group, in the same order
+        for first in range(0, world, K):
+            group = dist.new_group(list(range(first, first + K)))
+            if first <= rank < first + K:
+                cp_group = group
+    return Dist(rank=rank, world=world, cp=K, device=device, fsdp=args.fsdp, launched=True,
+                cp_group=cp_group)
+
+
+def wrap_model(model: Mamba2LMHeadModel, d: Dist) -> torch.nn.Module:
+    """Under torchrun: DDP, or FSDP2 ``fully_shard`` (each block, then the root) with --fsdp,
+    both over the whole world; the model itself in one process.
+
+    Both average the gradients over all ranks. With context parallelism each rank's backward
+    gives only its piece's share of the whole-sequence gradient (the sum over the group is the
+    gradient), so ``train_step`` scales its loss by ``cp`` before backward: the world mean of
+    ``cp * share`` is the sum over each group, averaged over the data-parallel groups. (So no
+    process group of the data-parallel ranks is needed, only the context-parallel ones.)"""
+    if not d.launched:
+        return model
+    if d.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh(torch.device(d.device).type, (d.world,))
+        for layer in model.backbone.layers:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, device_ids=[d.device] if d.device.startswith("cuda") else None)
+
+
+def set_grad_sync(model: torch.nn.Module, enabled: bool) -> None:
+    """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP, FSDP2)."""
+    if hasattr(model, "require_backward_grad_sync"):        # DDP
+        model.require_backward_grad_sync = enabled
+    elif hasattr(model, "set_requires_gradient_sync"):      # FSDP2
+        model.set_requires_gradient_sync(enabled)
+
+
+def cp_piece(rows: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's contiguous piece of every window (group-rank order): ``seq_len / cp`` of the
+    ``seq_len`` predicting positions; the last rank also holds the window's final token, which is
+    only a target (as in one process, where it is the last input and predicts nothing)."""
+    piece = (rows.shape[1] - 1) // d.cp
+    end = (d.cp_rank + 1) * piece if d.cp_rank < d.cp - 1 else rows.shape[1]
+    return rows[:, d.cp_rank * piece:end].contiguous()
+
+
+def optimizer_by_index(state: dict) -> dict:
+    """An optimizer state keyed by parameter names (torch.distributed.checkpoint) keyed by
+    position instead, as ``Optimizer.state_dict()`` (groups list the same parameters in order)."""
+    if not state:            # ranks other than 0 receive nothing with cpu_offload
+        return {}
+    index, groups = {}, []
+    for group in state["param_groups"]:
+        groups.append({**group, "params": [index.setdefault(n, len(index))
+                                           for n in group["params"]]})
+    return {"state": {index[n]: s for n, s in state["state"].items()}, "param_groups": groups}
+
+
+def full_state(run: "Run", with_optimizer: bool = True) -> tuple[dict, dict]:
+    """(model, optimizer) state, whole and in the one-process format whatever the world: the
+    bare model's ``state_dict()`` and ``Optimizer.state_dict()``. Under FSDP2 every rank must call
+    it (the shards are gathered to rank 0, on the CPU); elsewhere only rank 0 gets them."""
+    if not run.dist.fsdp:
+        return run.raw.state_dict(), run.optimizer.state_dict() if with_optimizer else {}
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(run.model, options=options)
+    if not with_optimizer:
+        return model_state, {}
+    return model_state, optimizer_by_index(
+        get_optimizer_state_dict(run.model, run.optimizer, options=options))
+
+
+def load_full_state(run: "Run", model_state: dict, optimizer_state: dict) -> None:
+    """Inverse of :func:`full_state`, on every rank (each has read the whole checkpoint)."""
+    if not run.dist.fsdp:
+        run.raw.load_state_dict(model_state)
+        run.optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(run.model, model_state, options=options)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    order = [names[id(p)] for g in run.optimizer.param_groups for p in g["params"]]
+    by_name = {"state": {order[i]: s for i, s in optimizer_state["state"].items()},
+               "param_groups": [{**g, "params": [order[i] for i in g["params"]]}
+                                for g in optimizer_state["param_groups"]]}
+    set_optimizer_state_dict(run.model, run.optimizer, by_name, options=options)
+
+
+# --------------------------------------------------------------------------
 # Model / optimiser helpers
 # --------------------------------------------------------------------------
 
-def logits_of(output) -> torch.Tensor:
-    """Accept a bare logits tensor or an output object with ``.logits``."""
-    return output if torch.is_tensor(output) else output.logits
+def lm_loss(model, rows: torch.Tensor, d: Dist = Dist()) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real vocabulary (the model's fused loss, which never
+    holds the logits): ``rows[:, t]`` predicts ``rows[:, t + 1]``. With context parallelism this
+    rank passes its piece of the rows (as input and labels) and gets the loss of the whole rows."""
+    if d.cp > 1:
+        piece = cp_piece(rows, d)
+        return model(piece, labels=piece, cp_group=d.cp_group)
+    return model(rows, labels=rows)
 
 
-def lm_loss(model, rows: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy (float32) over the real vocabulary: rows[:, t] predicts rows[:, t + 1]."""
-    if isinstance(model, Mamba2LMHeadModel):   # the fused loss: never holds the (tokens, vocab) logits
-        return model(rows, labels=rows)
-    logits = logits_of(model(rows[:, :-1]))[..., :vocab_size]
-    return F.cross_entropy(logits.float().reshape(-1, vocab_size), rows[:, 1:].reshape(-1))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW parameter groups in the nanoGPT habit.
-
-    Weight decay applies to matrices and conv kernels (``dim >= 2``) only;
-    biases, norm weights, embeddings (and the tied LM head) and parameters
-    flagged ``_no_weight_decay`` (A_log, D, dt_bias) are not decayed.
-    """
+def decayed_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters AdamW decays, in the nanoGPT habit: matrices and conv kernels
+    (``dim >= 2``) only; not biases, norm weights, embeddings (and the tied LM head), nor
+    parameters flagged ``_no_weight_decay`` (A_log, D, dt_bias)."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dim() >= 2 and id(p) not in embedding_ids and not getattr(p, "_no_weight_decay", False):
-            decay.append(p)
-        else:
-            no_decay.append(p)
+    return {n for n, p in model.named_parameters()
+            if p.dim() >= 2 and id(p) not in embedding_ids
+            and not getattr(p, "_no_weight_decay", False)}
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decayed: Optional[set[str]] = None) -> list[dict]:
+    """AdamW parameter groups: ``decayed`` (default: :func:`decayed_names`) with weight decay,
+    the others without; shared parameters once. FSDP2 replaces the parameters (and drops their
+    ``_no_weight_decay`` flags), so pass the names found before sharding."""
+    decayed = decayed_names(model) if decayed is None else decayed
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():      # each shared parameter once
+        if p.requires_grad:
+            (decay if name in decayed else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 
@@ -436,41 +630,47 @@ def lr_at(step: int, args) -> float:
 
 def autocast_ctx(device: str, bf16: bool):
     """bf16 autocast on the given device type, or a no-op context."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=bf16)
 
 
 @torch.no_grad()
 def evaluate(model, val: torch.Tensor, n_windows: int, seq_len: int, batch_size: int,
-             vocab_size: int, device: str, bf16: bool) -> float:
-    """Mean loss over the first ``n_windows`` consecutive windows of ``val``."""
+             device: str, bf16: bool, d: Dist = Dist()) -> float:
+    """Mean loss over the first ``n_windows`` consecutive windows of ``val``, ``batch_size`` at a
+    time. Under torchrun the windows are dealt to the data-parallel ranks (``batch_size / dp``
+    per forward) and the sums all-reduced: every rank returns the one-process number."""
     model.eval()
-    total, count = 0.0, 0
-    for i in range(0, n_windows, batch_size):
-        starts = range(i * seq_len, min(n_windows, i + batch_size) * seq_len, seq_len)
-        rows = torch.stack([val[s:s + seq_len + 1] for s in starts]).long().to(device)
+    mine, per = list(range(d.dp_rank, n_windows, d.dp)), batch_size // d.dp
+    calls = math.ceil(math.ceil(n_windows / d.dp) / per)   # alike on all ranks: FSDP2 forwards
+    total, count = 0.0, 0                                   # are collective
+    for i in range(calls):
+        windows = mine[i * per:(i + 1) * per]
+        rows = torch.stack([val[w * seq_len:(w + 1) * seq_len + 1]
+                            for w in windows or [0]]).long().to(device)
         with autocast_ctx(device, bf16):
-            loss = lm_loss(model, rows, vocab_size)
-        total += loss.item() * rows[:, 1:].numel()
-        count += rows[:, 1:].numel()
+            loss = lm_loss(model, rows, d)
+        if windows:     # (a rank out of windows ran window 0 for the collectives, uncounted)
+            total += loss.item() * rows[:, 1:].numel()
+            count += rows[:, 1:].numel()
+    # Each member of a context-parallel group holds the same whole-window sums: they count cp
+    # times in both the numerator and the denominator.
+    total, count = d.sum([total, count])
     model.train()
     return total / count
 
 
-@torch.no_grad()
-def sample(model, prompt_ids: list[int], n_tokens: int, vocab_size: int, device: str,
+def sample(model: Mamba2LMHeadModel, prompt_ids: list[int], n_tokens: int,
            temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> list[int]:
-    """Sample a continuation by re-running the full forward each step (simple, slow)."""
+    """Sample a continuation of ``prompt_ids`` with ``model.generate`` (top-k, temperature)."""
+    was_training = model.training
     model.eval()
-    gen = torch.Generator().manual_seed(seed)
-    ids = list(prompt_ids)
-    for _ in range(n_tokens):
-        x = torch.tensor([ids], device=device)
-        logits = logits_of(model(x))[0, -1, :vocab_size].float().cpu() / temperature
-        kth = torch.topk(logits, min(top_k, vocab_size)).values[-1]
-        logits[logits < kth] = -float("inf")
-        ids.append(int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)))
-    model.train()
-    return ids[len(prompt_ids):]
+    gen = torch.Generator(model.device).manual_seed(seed)
+    prompt = torch.tensor([prompt_ids], device=model.device)
+    out = model.generate(prompt, max_new_tokens=n_tokens, do_sample=True,
+                         temperature=temperature, top_k=top_k, generator=gen)
+    model.train(was_training)
+    return out[0, len(prompt_ids):].tolist()
 
 
 # --------------------------------------------------------------------------
@@ -478,7 +678,8 @@ def sample(model, prompt_ids: list[int], n_tokens: int, vocab_size: int, device:
 # --------------------------------------------------------------------------
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write ``state`` with ``torch.save`` atomically (temp file + rename)."""
+    """Write ``state`` with ``torch.save`` atomically: a temporary file in the same folder,
+    fsync, ``os.replace``, fsync of the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -486,11 +687,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    if hasattr(os, "O_DIRECTORY"):   # the rename itself, durable
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def rng_state(gen: torch.Generator) -> dict:
     """All random states needed to continue a run exactly."""
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "batches": gen.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "batches": gen.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -510,15 +718,16 @@ def restore_rng(state: dict, gen: torch.Generator) -> None:
 # --------------------------------------------------------------------------
 
 class Progress:
-    """tqdm progress bar if available, else a minimal one-line bar on stderr."""
+    """tqdm progress bar if available, else a minimal one-line bar on stderr; silent when not
+    ``enabled`` (ranks other than 0)."""
 
-    def __init__(self, total: int, initial: int):
+    def __init__(self, total: int, initial: int, enabled: bool = True):
         self.total, self.n, self.t0, self.start = total, initial, time.time(), initial
-        self.postfix, self.last_print = "", 0.0
+        self.postfix, self.last_print, self.enabled = "", 0.0, enabled
         try:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                            mininterval=1.0, file=sys.stderr)
+                            mininterval=1.0, file=sys.stderr, disable=not enabled)
         except ImportError:
             self.bar = None
 
@@ -529,7 +738,7 @@ class Progress:
             self.bar.update(1)
             return
         now = time.time()
-        if now - self.last_print < 1.0 and self.n < self.total:
+        if not self.enabled or (now - self.last_print < 1.0 and self.n < self.total):
             return
         self.last_print = now
         rate = (self.n - self.start) / max(now - self.t0, 1e-9)
@@ -539,6 +748,8 @@ class Progress:
               f"<{time.strftime('%H:%M:%S', time.gmtime(eta))}] {info}", end="", file=sys.stderr)
 
     def write(self, msg: str) -> None:
+        if not self.enabled:
+            return
         if self.bar is not None:
             self.bar.write(msg)
         else:
@@ -547,12 +758,13 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif self.enabled:
             print(file=sys.stderr)
 
 
 def json_safe(obj):
-    """Replace non-finite floats (e.g. ``dt_limit = (0, inf)``) by strings so the log is strict JSON."""
+    """Replace non-finite floats (e.g. ``dt_limit = (0, inf)``) by strings so the log is strict
+    JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return str(obj)
     if isinstance(obj, dict):
@@ -562,6 +774,9 @@ def json_safe(obj):
     return obj
 
 
+def write_log(log: dict, out: Path) -> None:
+    (out / "train_log.json").write_text(json.dumps(json_safe(log), indent=1, allow_nan=False)
+                                        + "\n")
 def plot_log(log: dict, path: Path) -> bool:
     """Draw train/val loss vs tokens seen, with n-gram baselines, to ``path``."""
     try:
@@ -620,7 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the training command."""
     p = argparse.ArgumentParser(
         description="Train a Mamba-2 LM from scratch with mamba2.py. "
-                    "Subcommands: 'prepare' (build corpus + tokenizer), 'plot FOLDER'.",
+                    "Subcommands: 'prepare' (build corpus + tokenizer), 'plot FOLDER'. "
+                    "Under 'torchrun --nproc_per_node N train.py ...' it trains on N ranks "
+                    "(DDP, or FSDP2 with --fsdp; gloo on CPU, nccl on CUDA); rank 0 alone "
+                    "prints and writes files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and output")
     g.add_argument("--data", help="folder written by 'train.py prepare'")
@@ -628,7 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true",
                    help="tiny model and data for a smoke test (synthetic byte data unless --data)")
     g.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (no value: <out>/ckpt/ckpt.pt)")
+                   help="resume from a checkpoint (no value: <out>/ckpt/ckpt.pt); any number "
+                        "of ranks can resume any checkpoint (it holds the whole state)")
     g = p.add_argument_group("model")
     g.add_argument("--d-model", type=int, default=192, help="residual stream width")
     g.add_argument("--n-layer", type=int, default=4, help="number of Mamba-2 blocks")
@@ -638,23 +857,30 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ngroups", type=int, default=1, help="groups sharing B and C")
     g.add_argument("--chunk-size", type=int, default=64,
                    help="SSD chunk length (compute tiling only; 64 is fastest on CPU here)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the parameters (float64: for exact comparisons)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seq-len", type=int, default=256, help="training sequence length")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="sequences per micro-batch, GLOBAL: under torchrun each data-parallel "
+                        "rank takes batch-size / (world size / context-parallel) of them, so "
+                        "that number must divide it; any world trains on the same batches")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     g.add_argument("--steps", type=int, default=1200, help="optimiser steps")
     g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    g.add_argument("--min-lr", type=float, default=None,
+                   help="final learning rate (default lr/10)")
     g.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1,
-                   help="AdamW weight decay of matrices (not of norms, biases, embeddings, A_log/D/dt_bias)")
+                   help="AdamW weight decay of matrices (not of norms, biases, embeddings, "
+                        "A_log/D/dt_bias)")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0 = off)")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to train on")
+                   help="torch device to train on (under torchrun: cuda means cuda:LOCAL_RANK)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--seed", type=int, default=1337, help="seed of init and batch sampling")
     g.add_argument("--eval-interval", type=int, default=200, help="steps between val evaluations")
@@ -666,16 +892,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=0,
                    help="stop (with a checkpoint, no export) after this many steps in this "
                         "invocation; continue later with --resume (0 = run to --steps)")
-    g.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the weights written by save_pretrained")
+    g.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                   default="float32", help="dtype of the weights written by save_pretrained")
     g.add_argument("--sample-tokens", type=int, default=128,
                    help="tokens to sample at the end as a demo (0 = none)")
     g.add_argument("--plot", action="store_true", help="write <out>/loss.png at the end")
+    g = p.add_argument_group("distributed (under torchrun)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state with FSDP2 fully_shard "
+                        "instead of replicating them with DDP")
+    g.add_argument("--context-parallel", type=int, default=1, metavar="K",
+                   help="split every sequence over K consecutive ranks (world size = data "
+                        "parallel x K; seq-len must be divisible by K)")
     return p
 
 
 def parse_train_args(argv=None) -> argparse.Namespace:
-    """Parse training arguments; ``--quick`` fills in tiny defaults not given explicitly."""
+    """Parse training arguments; ``--quick`` fills in tiny defaults not given explicitly.
+
+    The layout over ranks is checked here, before any process group: a user mistake is a
+    one-line ``error: ...`` and exit status 2."""
     p = build_parser()
     args = p.parse_args(argv)
     if args.quick:
@@ -694,155 +930,269 @@ def parse_train_args(argv=None) -> argparse.Namespace:
         p.error("--data is required (unless --quick); create it with 'train.py prepare'")
     if args.min_lr is None:
         args.min_lr = args.lr / 10
+    world, K = torchrun_world(), args.context_parallel
+    if K < 1:
+        p.error(f"--context-parallel must be at least 1, got {K}")
+    if world is None and (args.fsdp or K > 1):
+        p.error("--fsdp and --context-parallel need several ranks: start train.py with "
+                "torchrun --nproc_per_node N")
+    world = world or 1
+    if world % K:
+        p.error(f"--context-parallel {K} must divide the world size {world}")
+    if args.batch_size % (world // K):
+        p.error(f"--batch-size {args.batch_size} is the global batch: it must be divisible by "
+                f"the {world // K} data-parallel ranks (world size {world} / context-parallel "
+                f"{K})")
+    if args.seq_len % K:
+        p.error(f"--seq-len {args.seq_len} must be divisible by --context-parallel {K}")
+    if K > 1 and "cp_group" not in inspect.signature(Mamba2LMHeadModel.forward).parameters:
+        p.error("--context-parallel > 1 needs Mamba2LMHeadModel.forward(..., cp_group=...), "
+                "which this mamba2.py does not have")
     return args
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run training as configured by ``args``; return the log dictionary."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "ckpt" / CKPT_NAME
+@dataclasses.dataclass
+class Run:
+    """What the training loop reads and advances (the same on every rank)."""
+    args: argparse.Namespace
+    dist: Dist
+    data: dict
+    config: Mamba2Config
+    raw: Mamba2LMHeadModel          # the model itself: evaluation, export, sampling
+    model: torch.nn.Module          # what training goes through: DDP, FSDP2 or the model
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator            # batch sampling: the same draws on every rank
+    log: dict
+    n_eval: int
+    step: int = 0
+    tokens_seen: int = 0
+    acc: dict = dataclasses.field(default_factory=lambda: {"sum": 0.0, "n": 0})
+    time_before: float = 0.0        # training seconds of earlier invocations (--resume)
+    t_start: float = 0.0
+    tokens_start: int = 0
+    last_val: Optional[float] = None
 
-    # ---- data
-    if args.data:
-        data = load_prepared(Path(args.data))
-        if args.quick:  # a small slice keeps --quick fast on real data too
-            data["train"] = data["train"][:200_000]
-            data["val"] = data["val"][:20_000]
-    else:
-        data = synthetic_dataset()
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / "ckpt" / CKPT_NAME
+
+
+def load_data(args) -> dict:
+    """The prepared data set (a small slice of it with --quick), or the synthetic bytes."""
+    if not args.data:
+        return synthetic_dataset()
+    data = load_prepared(Path(args.data))
+    if args.quick:  # a small slice keeps --quick fast on real data too
+        data["train"] = data["train"][:200_000]
+        data["val"] = data["val"][:20_000]
+    return data
+
+
+def load_resume(args, d: Dist) -> Optional[dict]:
+    """The checkpoint to resume from (read by every rank), or None."""
+    if not args.resume:
+        return None
+    path = Path(args.out) / "ckpt" / CKPT_NAME if args.resume == "auto" else Path(args.resume)
+    if not path.is_file():
+        d.print(f"no checkpoint at {path}: starting from scratch")
+        return None
+    resume = torch.load(path, map_location="cpu", weights_only=False)
+    d.print(f"resuming from {path} at step {resume['step']}")
+    return resume
+
+
+def setup(args, d: Dist) -> Run:
+    """Data, model (wrapped for the world), optimizer and log; the resumed state if any."""
+    data = load_data(args)
     train_ids, val_ids, V = data["train"], data["val"], data["vocab_size"]
     n_eval = eval_windows(val_ids, args.seq_len, args.eval_tokens)
     baselines = ngram_baselines(train_ids, val_ids[:n_eval * args.seq_len + 1], V)
-    print(f"data: {data['meta'].get('name')} train {len(train_ids):,} tokens, "
-          f"val {len(val_ids):,} tokens ({n_eval * args.seq_len:,} scored), vocab {V}")
-    print("baselines (nats/token on val): " + ", ".join(
+    d.print(f"data: {data['meta'].get('name')} train {len(train_ids):,} tokens, "
+            f"val {len(val_ids):,} tokens ({n_eval * args.seq_len:,} scored), vocab {V}")
+    d.print("baselines (nats/token on val): " + ", ".join(
         f"{k} {baselines[k]:.4f}" for k in ("uniform", "unigram", "bigram")))
 
-    # ---- model and optimiser
-    resume = None
-    if args.resume:
-        rpath = ckpt_path if args.resume == "auto" else Path(args.resume)
-        if rpath.is_file():
-            resume = torch.load(rpath, map_location="cpu", weights_only=False)
-            print(f"resuming from {rpath} at step {resume['step']}")
-        else:
-            print(f"no checkpoint at {rpath}: starting from scratch")
-    if resume is not None:
-        config = Mamba2Config(**resume["config"])
-    else:
-        config = Mamba2Config(d_model=args.d_model, n_layer=args.n_layer, vocab_size=V,
-                              d_state=args.d_state, headdim=args.headdim, expand=args.expand,
-                              ngroups=args.ngroups, chunk_size=args.chunk_size,
-                              pad_vocab_size_multiple=16, tie_embeddings=True)
+    resume = load_resume(args, d)
+    config = Mamba2Config(**resume["config"]) if resume is not None else Mamba2Config(
+        d_model=args.d_model, n_layer=args.n_layer, vocab_size=V, d_state=args.d_state,
+        headdim=args.headdim, expand=args.expand, ngroups=args.ngroups,
+        chunk_size=args.chunk_size, pad_vocab_size_multiple=16, tie_embeddings=True)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    model = Mamba2LMHeadModel(config).to(args.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+    raw = Mamba2LMHeadModel(config, dtype=getattr(torch, args.dtype)).to(d.device)
+    decayed = decayed_names(raw)
+    model = wrap_model(raw, d)
+    optimizer = torch.optim.AdamW(param_groups(raw, args.weight_decay, decayed), lr=args.lr,
                                   betas=(args.beta1, args.beta2),
-                                  fused=(torch.device(args.device).type == "cuda") or None)
-    print(f"model: {n_params:,} parameters "
-          f"({n_params * 4 / 2**20:.1f} MiB in float32), config {json.dumps(json_safe(dataclasses.asdict(config)))}")
-
+                                  fused=(torch.device(d.device).type == "cuda") or None)
+    n_params = sum(p.numel() for p in raw.parameters())
+    d.print(f"model: {n_params:,} parameters ({n_params * 4 / 2**20:.1f} MiB in float32), "
+            f"config {json.dumps(json_safe(dataclasses.asdict(config)))}")
+    if d.launched:
+        d.print(f"world: {d.world} ranks ({'FSDP2' if d.fsdp else 'DDP'}, {d.dp} data parallel "
+                f"x {d.cp} context parallel), {args.batch_size // d.dp} sequences per rank")
     log = {
         "title": f"Mamba-2 {n_params / 1e6:.1f}M on {data['meta'].get('name')}",
         "data": data["meta"], "config": dataclasses.asdict(config), "args": vars(args),
         "n_params": n_params, "baselines": baselines, "history": [],
     }
-    step, tokens_seen, acc, time_before = 0, 0, {"sum": 0.0, "n": 0}, 0.0
+    run = Run(args, d, data, config, raw, model, optimizer, gen, log, n_eval)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step, tokens_seen, acc = resume["step"], resume["tokens_seen"], resume["acc"]
-        time_before = resume.get("time_s", 0.0)
+        load_full_state(run, resume["model"], resume["optimizer"])
+        run.step, run.tokens_seen, run.acc = resume["step"], resume["tokens_seen"], resume["acc"]
+        run.time_before = resume.get("time_s", 0.0)
         log["history"] = resume["history"]
         restore_rng(resume["rng"], gen)
-        del resume
+    return run
 
+
+def train_step(run: Run, lr: float) -> float:
+    """One optimiser step on ``grad_accum`` global micro-batches; returns their mean loss (the
+    mean over all ranks: the number one process would get)."""
+    args, d = run.args, run.dist
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = 0.0
+    for micro in range(args.grad_accum):
+        set_grad_sync(run.model, micro == args.grad_accum - 1)
+        rows = get_batch(run.data["train"], args.batch_size, args.seq_len, run.gen, d.device,
+                         d.rows(args.batch_size))
+        with autocast_ctx(d.device, args.bf16):
+            loss = lm_loss(run.model, rows, d)
+        (loss * d.cp / args.grad_accum).backward()    # * cp: see wrap_model
+        step_loss += loss.item() / args.grad_accum
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return d.mean(step_loss)     # under cp the group's ranks hold the same whole-row loss
+
+
+def validate(run: Run, n_windows: Optional[int] = None) -> float:
+    """The validation loss (every rank must call it), on the first ``n_windows`` windows
+    (default: the --eval-tokens ones)."""
+    a = run.args
+    return evaluate(run.raw, run.data["val"], n_windows or run.n_eval, a.seq_len, a.batch_size,
+                    run.dist.device, a.bf16, run.dist)
+
+
+def save_run(run: Run, elapsed: float) -> None:
+    """The checkpoint: whole model and optimizer state, RNG and log, written by rank 0."""
+    model_state, optimizer_state = full_state(run)        # collective under FSDP2
+    if run.dist.master:
+        save_checkpoint(run.ckpt_path, {
+            "model": model_state, "optimizer": optimizer_state,
+            "step": run.step, "tokens_seen": run.tokens_seen, "acc": run.acc,
+            "time_s": run.time_before + elapsed,
+            "config": dataclasses.asdict(run.config), "args": vars(run.args),
+            "rng": rng_state(run.gen), "history": run.log["history"],
+        })
+
+
+def train_loop(run: Run) -> None:
+    """Train to --steps (or for --stop-after steps): log, evaluate and checkpoint on the way."""
+    args, log = run.args, run.log
+    base = log["baselines"]
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum
-    model.train()
-    progress = Progress(args.steps, step)
-    t_start, tokens_start = time.time(), tokens_seen
-    last_val = None
-    if step == 0:  # the untrained model's validation loss starts the curve
-        last_val = evaluate(model, val_ids, n_eval, args.seq_len, args.batch_size, V, args.device, args.bf16)
-        log["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None, "val_loss": last_val,
-                               "lr": 0.0, "time_s": 0.0})
-        progress.write(f"step      0 | val {last_val:.4f} (unigram {baselines['unigram']:.4f}, "
-                       f"bigram {baselines['bigram']:.4f})")
-    stop_at = min(args.steps, step + args.stop_after) if args.stop_after > 0 else args.steps
-    while step < stop_at:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for _ in range(args.grad_accum):
-            rows = get_batch(train_ids, args.batch_size, args.seq_len, gen, args.device)
-            with autocast_ctx(args.device, args.bf16):
-                loss = lm_loss(model, rows, V)
-            (loss / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        acc["sum"] += step_loss
-        acc["n"] += 1
+    progress = Progress(args.steps, run.step, enabled=run.dist.master)
+    run.t_start, run.tokens_start = time.time(), run.tokens_seen
+    if run.step == 0:  # the untrained model's validation loss starts the curve
+        run.last_val = validate(run)
+        log["history"].append({"step": 0, "tokens_seen": 0, "train_loss": None,
+                               "val_loss": run.last_val, "lr": 0.0, "time_s": 0.0})
+        progress.write(f"step      0 | val {run.last_val:.4f} (unigram {base['unigram']:.4f}, "
+                       f"bigram {base['bigram']:.4f})")
+    stop_at = min(args.steps, run.step + args.stop_after) if args.stop_after > 0 else args.steps
+    while run.step < stop_at:
+        lr = lr_at(run.step, args)
+        step_loss = train_step(run, lr)
+        run.step += 1
+        run.tokens_seen += tokens_per_step
+        run.acc["sum"] += step_loss
+        run.acc["n"] += 1
         if not math.isfinite(step_loss):
-            progress.write(f"step {step}: loss is {step_loss}, stopping")
+            progress.write(f"step {run.step}: loss is {step_loss}, stopping")
             break
 
-        row = None
+        step, row = run.step, None
         if step % args.log_interval == 0 or step == args.steps:
-            row = {"step": step, "tokens_seen": tokens_seen,
-                   "train_loss": acc["sum"] / acc["n"], "val_loss": None, "lr": lr}
-            acc = {"sum": 0.0, "n": 0}
+            row = {"step": step, "tokens_seen": run.tokens_seen,
+                   "train_loss": run.acc["sum"] / run.acc["n"], "val_loss": None, "lr": lr}
+            run.acc = {"sum": 0.0, "n": 0}
         if step % args.eval_interval == 0 or step == args.steps:
-            last_val = evaluate(model, val_ids, n_eval, args.seq_len, args.batch_size, V,
-                                args.device, args.bf16)
-            row = row or {"step": step, "tokens_seen": tokens_seen, "train_loss": None, "lr": lr}
-            row["val_loss"] = last_val
-            progress.write(f"step {step:6d} | tokens {tokens_seen:,} | train {row['train_loss'] or step_loss:.4f}"
-                           f" | val {last_val:.4f} (bigram {baselines['bigram']:.4f})")
-        elapsed = time.time() - t_start
+            run.last_val = validate(run)
+            row = row or {"step": step, "tokens_seen": run.tokens_seen, "train_loss": None,
+                          "lr": lr}
+            row["val_loss"] = run.last_val
+            progress.write(f"step {step:6d} | tokens {run.tokens_seen:,} | train "
+                           f"{row['train_loss'] or step_loss:.4f} | val {run.last_val:.4f} "
+                           f"(bigram {base['bigram']:.4f})")
+        elapsed = time.time() - run.t_start
         if row is not None:
-            row["time_s"] = round(time_before + elapsed, 2)
+            row["time_s"] = round(run.time_before + elapsed, 2)
             log["history"].append(row)
-        progress.update(loss=f"{step_loss:.3f}", tok_s=f"{(tokens_seen - tokens_start) / elapsed:,.0f}",
-                        lr=f"{lr:.2e}", **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
+        tok_s = (run.tokens_seen - run.tokens_start) / elapsed
+        progress.update(loss=f"{step_loss:.3f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}",
+                        **({"val": f"{run.last_val:.3f}"} if run.last_val is not None else {}))
         if step % args.ckpt_interval == 0 or step in (args.steps, stop_at):
-            save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "step": step, "tokens_seen": tokens_seen, "acc": acc,
-                "time_s": time_before + elapsed,
-                "config": dataclasses.asdict(config), "args": vars(args),
-                "rng": rng_state(gen), "history": log["history"],
-            })
+            save_run(run, elapsed)
     progress.close()
-    elapsed = time.time() - t_start
-    log["train_seconds_this_session"] = elapsed
-    log["train_seconds_total"] = time_before + elapsed
-    log["tokens_per_second"] = (tokens_seen - tokens_start) / max(elapsed, 1e-9)
-    log["final"] = {"step": step, "tokens_seen": tokens_seen, "val_loss": last_val}
-    if step == args.steps and n_eval < eval_windows(val_ids, args.seq_len, 0):
-        n_full = eval_windows(val_ids, args.seq_len, 0)
-        log["final"]["val_loss_full"] = evaluate(model, val_ids, n_full, args.seq_len,
-                                                 args.batch_size, V, args.device, args.bf16)
-        log["final"]["baselines_full"] = ngram_baselines(train_ids, val_ids[:n_full * args.seq_len + 1], V)
-        print(f"final val loss on the whole val split ({n_full * args.seq_len:,} tokens): "
-              f"{log['final']['val_loss_full']:.4f} (bigram {log['final']['baselines_full']['bigram']:.4f})")
-    if step < args.steps:
-        (out / "train_log.json").write_text(json.dumps(json_safe(log), indent=1, allow_nan=False) + "\n")
-        print(f"stopped at step {step}/{args.steps}; checkpoint in {ckpt_path} (use --resume)")
-        return log
 
-    # ---- export
+
+def final_model(run: Run) -> Optional[Mamba2LMHeadModel]:
+    """The trained model, whole, on rank 0 (under FSDP2 gathered into a copy on the CPU: every
+    rank must call this); None on the other ranks."""
+    if not run.dist.fsdp:
+        return run.raw if run.dist.master else None
+    state, _ = full_state(run, with_optimizer=False)
+    if not run.dist.master:
+        return None
+    model = Mamba2LMHeadModel(run.config, dtype=getattr(torch, run.args.dtype))
+    model.load_state_dict(state)
+    return model
+
+
+def finish(run: Run) -> dict:
+    """After the loop: the final evaluation on the whole val split, then (at --steps) the export
+    of model, tokenizer, sample, log and plot by rank 0; returns the log."""
+    args, d, log, step = run.args, run.dist, run.log, run.step
+    elapsed = time.time() - run.t_start
+    log["train_seconds_this_session"] = elapsed
+    log["train_seconds_total"] = run.time_before + elapsed
+    log["tokens_per_second"] = (run.tokens_seen - run.tokens_start) / max(elapsed, 1e-9)
+    log["final"] = {"step": step, "tokens_seen": run.tokens_seen, "val_loss": run.last_val}
+    train_ids, val_ids = run.data["train"], run.data["val"]
+    n_full = eval_windows(val_ids, args.seq_len, 0)
+    if step == args.steps and run.n_eval < n_full:
+        final = log["final"]
+        final["val_loss_full"] = validate(run, n_full)
+        final["baselines_full"] = ngram_baselines(
+            train_ids, val_ids[:n_full * args.seq_len + 1], run.data["vocab_size"])
+        d.print(f"final val loss on the whole val split ({n_full * args.seq_len:,} tokens): "
+                f"{final['val_loss_full']:.4f} (bigram {final['baselines_full']['bigram']:.4f})")
+    out = run.out
+    if step < args.steps:
+        if d.master:
+            write_log(log, out)
+        d.print(f"stopped at step {step}/{args.steps}; checkpoint in {run.ckpt_path} "
+                f"(use --resume)")
+        return log
+    model = final_model(run)
+    if d.master:
+        export(run, model)
+        d.print(f"{log['tokens_per_second']:,.0f} tokens/s over {elapsed:.0f}s; "
+                f"final val loss {run.last_val}")
+    return log
+
+
+def export(run: Run, model: Mamba2LMHeadModel) -> None:
+    """Rank 0: save_pretrained, the tokenizer files, the demo sample, train_log.json, loss.png."""
+    args, data, out, log = run.args, run.data, run.out, run.log
     export_model(model, out, args.save_dtype)
     if data["tokenizer_dir"] is not None:
         for name in TOKENIZER_FILES:
@@ -853,20 +1203,37 @@ def train(args: argparse.Namespace) -> dict:
         make_byte_tokenizer(out)
     if args.sample_tokens > 0 and (out / "tokenizer.json").is_file():
         log["sample"] = demo_sample(model, out, args)
-    (out / "train_log.json").write_text(json.dumps(json_safe(log), indent=1, allow_nan=False) + "\n")
+    write_log(log, out)
     if args.plot and plot_log(log, out / "loss.png"):
         print(f"wrote {out / 'loss.png'}")
-    shipped = [p for p in out.iterdir() if p.is_file()]
-    print(f"saved {out}/: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB" for p in sorted(shipped))
+    shipped = sorted(p for p in out.iterdir() if p.is_file())
+    print(f"saved {out}/: " + ", ".join(f"{p.name} {p.stat().st_size / 1e6:.2f} MB"
+                                        for p in shipped)
           + f" | total {sum(p.stat().st_size for p in shipped) / 1e6:.2f} MB")
-    print(f"{log['tokens_per_second']:,.0f} tokens/s over {elapsed:.0f}s; final val loss {last_val}")
-    return log
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Run training as configured by ``args``; return the log dictionary (on every rank)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    d = setup_distributed(args)
+    ok = False
+    try:
+        if d.master:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        run = setup(args, d)
+        train_loop(run)
+        log = finish(run)
+        ok = True
+        return log
+    finally:
+        d.close(ok)
 
 
 def export_model(model, out: Path, save_dtype: str) -> None:
-    """``save_pretrained`` into ``out``, optionally storing the weights in 16 bits."""
+    """``save_pretrained`` into ``out`` (atomic), the weights in ``save_dtype``."""
     dtype = getattr(torch, save_dtype)
-    if dtype == torch.float32:
+    if dtype == model.dtype:
         model.save_pretrained(str(out))
         return
     import copy
@@ -878,8 +1245,7 @@ def demo_sample(model, out: Path, args) -> dict:
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     prompt = "def "
-    ids = sample(model, tok.encode(prompt).ids, args.sample_tokens, tok.get_vocab_size(),
-                 args.device, seed=args.seed)
+    ids = sample(model, tok.encode(prompt).ids, args.sample_tokens, seed=args.seed)
     text = prompt + tok.decode(ids)
     print("---- sample ----\n" + text + "\n----------------")
     return {"prompt": prompt, "text": text}
