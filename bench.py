@@ -56,6 +56,9 @@ Sections (--only takes their names):
            number of graph breaks torch._dynamo.explain finds.
   chunk    block forward at 2048 over a grid of chunk lengths (mamba2.CHUNK_LEN_CAP and
            chunk_size) and sequence block lengths (mamba2.SPAN_LEN), the defaults marked with *.
+  context  context parallelism (cp_group): one training step of a 4-layer model of the 130m
+           shapes (vocabulary 512: the layers are the point) on one 65,536-token sequence split
+           over K = 1, 2, 4 gloo processes on this machine: step time and peak memory per rank.
 
 Reading the ratios: "x floor" above 1 is time spent outside the big matrix products (lower is
 better, 1.0 is the best any implementation can do); "speedup" and "vs transformers" above 1 mean
@@ -99,7 +102,7 @@ import torch.nn.functional as F
 import mamba2
 from mamba2 import Mamba2, Mamba2Config, Mamba2LMHeadModel
 
-SECTIONS = ("block", "memory", "decode", "train", "bf16", "compile", "chunk")
+SECTIONS = ("block", "memory", "decode", "train", "bf16", "compile", "chunk", "context")
 HF_LIMIT_BYTES = 12e9          # skip transformers where its block forward would need more than this
 
 
@@ -127,6 +130,10 @@ class Shapes:
     chunk_sizes: list = field(default_factory=lambda: [32, 64, 128, 256])
     seq_blocks: list = field(default_factory=lambda: [256, 512, 1024, 2048])
     step_inner: int = 10                   # decode steps averaged into one timing sample
+    cp_length: int = 65536                 # context parallelism: one sequence over K ranks
+    cp_layers: int = 4
+    cp_vocab: int = 512                    # small: the point is the layers, not the head
+    cp_ranks: list = field(default_factory=lambda: [1, 2, 4])
 
     @property
     def d_inner(self) -> int:
@@ -141,7 +148,7 @@ QUICK = Shapes(d_model=64, d_state=16, headdim=16, n_layer=2, vocab=512, block_l
                long_length=1024, ref_length=256, memory_lengths=[256, 1024], memory_long=2048,
                decode_batches=[1, 8], prompt_len=8, new_tokens=8, contexts=[16, 128, 512],
                train_layers=2, train_len=256, chunk_sizes=[32, 64], seq_blocks=[128, 256],
-               step_inner=4)
+               step_inner=4, cp_length=1024, cp_layers=2, cp_ranks=[1, 2])
 
 
 def block_config(S: Shapes, **kw) -> Mamba2Config:
@@ -1144,6 +1151,101 @@ def bench_chunk(B: Bench):
                       f"(* = default):\n\n" + "\n".join(md))
 
 
+# ============================================================================ 8. context parallel
+
+def bench_context(B: Bench):
+    """One training step (forward + backward of the next-token loss) of a cp_layers-layer model
+    of the 130m shapes on one cp_length-token sequence split over K gloo processes (K = 1 is one
+    process, no group): the step's time and each rank's peak memory above what it held before
+    (VmHWM, see peak_rss_kib), the loss equal for every K. The K processes share this machine's
+    cores (threads per rank = --threads // K, at least 1), so time measures the cost of the
+    wavefront and the communication, not a speed-up."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    S = B.S
+    res = {"length": S.cp_length, "layers": S.cp_layers, "vocab": S.cp_vocab, "points": []}
+    rows = []
+    for k in S.cp_ranks:
+        out = Path(tempfile.mkdtemp())
+        spec = {"k": k, "shapes": asdict(S), "reps": B.args.reps, "threads": B.args.threads}
+        try:
+            mp.spawn(_context_worker, args=(spec, str(out)), nprocs=k)
+            ranks = [json.loads((out / f"{r}.json").read_text()) for r in range(k)]
+        except Exception as e:                                  # a rank died: say so, go on
+            res["points"].append({"ranks": k, "error": err_text(e)})
+            continue
+        p = {"ranks": k, "step_s": ranks[0]["step_s"], "loss": ranks[0]["loss"],
+             "peak_mb_per_rank": [r["peak_mb"] for r in ranks]}
+        res["points"].append(p)
+    base = next((p for p in res["points"] if p.get("ranks") == 1 and "error" not in p), None)
+    for p in res["points"]:
+        if "error" in p:
+            rows.append([p["ranks"], p["error"], "", "", ""])
+            continue
+        if base:
+            p["time_over_1"] = p["step_s"] / base["step_s"]
+            p["peak_over_1"] = max(p["peak_mb_per_rank"]) / max(base["peak_mb_per_rank"])
+            p["loss_diff_vs_1"] = abs(p["loss"] - base["loss"])
+        rows.append([p["ranks"], f"{p['step_s']:.2f}", f"{max(p['peak_mb_per_rank']):.0f}",
+                     f"{p.get('time_over_1', float('nan')):.2f}",
+                     f"{p.get('peak_over_1', float('nan')):.2f}"])
+        B.add("context", f"train step, {S.cp_length} tokens, {p['ranks']} rank(s)",
+              f"{p['step_s']:.2f} s, peak {max(p['peak_mb_per_rank']):.0f} MB/rank")
+    B.results["context"] = res
+    print_table(f"context parallelism: {S.cp_layers}-layer model, one {S.cp_length}-token "
+                f"sequence, gloo", ["ranks", "step s", "peak MB/rank", "time / K=1",
+                                    "peak / K=1"], rows)
+
+
+def _context_worker(rank: int, spec: dict, out: str):
+    import torch.distributed as dist
+    k, S = spec["k"], Shapes(**spec["shapes"])
+    torch.set_num_threads(max(1, spec["threads"] // k))
+    group = None
+    if k > 1:
+        dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank,
+                                world_size=k)
+        group = dist.group.WORLD
+    torch.manual_seed(0)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=S.d_model, d_state=S.d_state,
+                                           headdim=S.headdim, n_layer=S.cp_layers,
+                                           vocab_size=S.cp_vocab))
+    ids = torch.randint(0, S.cp_vocab, (1, S.cp_length),
+                        generator=torch.Generator().manual_seed(1))
+    start, end = rank * S.cp_length // k, (rank + 1) * S.cp_length // k
+    piece = ids[:, start:end]
+
+    def step():
+        loss = model(piece, labels=piece, cp_group=group)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.item()
+
+    before = _rss_mb()
+    peak_rss_reset()
+    loss = step()                                               # warm-up (and the memory peak)
+    peak = peak_rss_kib()[0] / 1024 - before
+    times = []
+    for _ in range(spec["reps"]):
+        if group is not None:
+            dist.barrier()
+        t0 = time.perf_counter()
+        step()
+        if group is not None:
+            dist.barrier()
+        times.append(time.perf_counter() - t0)
+    Path(out, f"{rank}.json").write_text(json.dumps(
+        {"step_s": statistics.median(times), "loss": loss, "peak_mb": peak}))
+    if group is not None:
+        dist.destroy_process_group()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 # ======================================================================================== summary
 
 def summary_markdown(B: Bench, info: dict) -> str:
@@ -1159,7 +1261,7 @@ def summary_markdown(B: Bench, info: dict) -> str:
 
 RUNNERS = {"block": bench_block, "memory": bench_memory, "decode": bench_decode,
            "train": bench_train, "bf16": bench_bf16, "compile": bench_compile,
-           "chunk": bench_chunk}
+           "chunk": bench_chunk, "context": bench_context}
 
 
 def parse_args(argv=None):
