@@ -2008,6 +2008,10 @@ def _check_attention_cache(name: str, cache, mha: MHA, b: int, dtype, device):
     if not isinstance(cache, AttentionCache):
         raise TypeError(f"{name} must be an AttentionCache (an attention layer's; see "
                         f"allocate_inference_cache), got {type(cache).__name__}")
+    if not mha.causal:   # its outputs depend on later tokens: no cache can continue them
+        raise ValueError(f"{name} belongs to a non-causal attention layer (attn_cfg causal=False, "
+                         f"the official default), which cannot be decoded token by token or fed "
+                         f"in pieces; set attn_cfg['causal'] = True for a language model")
     _check_tensor(f"{name}.kv", cache.kv, (b, None, 2, mha.num_heads_kv, mha.head_dim),
                   floating=True, device=device)
     if cache.kv.dtype != dtype:
@@ -2089,8 +2093,13 @@ _CP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _comm_device(group, device: torch.device) -> torch.device:
+    """Where the group's backend takes tensors: the CPU for gloo, an accelerator otherwise."""
     import torch.distributed as dist
-    return device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    if device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _check_pieces(group, x: torch.Tensor, seq_idx, name: str):

@@ -215,7 +215,8 @@ def _worker(rank, k, path, out_dir):
     lm_cfg = dict(d_model=16, n_layer=3, vocab_size=50, pad_vocab_size_multiple=8, d_state=4,
                   headdim=4, chunk_size=4, d_intermediate=24)
     hybrid = {**lm_cfg, "attn_layer_idx": [1], "attn_cfg": dict(num_heads=4, num_heads_kv=2,
-                                                                 rotary_emb_dim=2, d_conv=3)}
+                                                                 rotary_emb_dim=2, d_conv=3,
+                                                                 causal=True)}
     results["lm"] = _lm_case(rank, k, dist, mamba2, lm_cfg, False)
     results["lm packed, mem-eff off"] = _lm_case(rank, k, dist, mamba2,
                                                  {**lm_cfg, "use_mem_eff_path": False}, True)
