@@ -35,10 +35,10 @@ Sections (--only takes their names):
            peak (see peak_rss_kib); ru_maxrss is the fallback where /proc is missing. On CUDA:
            torch.cuda.max_memory_allocated minus what was allocated before the forward.
   decode   the 24-layer language model, one token per step through the inference cache, at batch
-           1 and 8. The floor is the same matrix-vector products alone (in_proj and out_proj of
+           1, 8 and 32. The floor is the same matrix-vector products alone (in_proj and out_proj of
            every layer plus the LM head); "floor + state" adds one read and one write of every
            layer's SSM state, which any recurrent step must do and which the floor leaves out.
-           Then end-to-end greedy generation, ours generate() vs transformers'
+           Then end-to-end greedy generation at batch 1 and 8, ours generate() vs transformers'
            Mamba2ForCausalLM.generate() with the same weights (tokens/s, both including their
            prefill), and the step time after contexts of growing length (a recurrent model: it
            should be flat).
@@ -121,7 +121,8 @@ class Shapes:
     ref_length: int = 2048                 # the length "scaling" and the single-length sections use
     memory_lengths: list = field(default_factory=lambda: [2048, 8192, 32768])
     memory_long: int = 65536               # ours only
-    decode_batches: list = field(default_factory=lambda: [1, 8])
+    decode_batches: list = field(default_factory=lambda: [1, 8, 32])
+    gen_batches: list = field(default_factory=lambda: [1, 8])
     prompt_len: int = 16
     new_tokens: int = 32
     contexts: list = field(default_factory=lambda: [128, 1024, 8192])
@@ -708,6 +709,48 @@ def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int, with_state: boo
     return run
 
 
+def generate_vs_transformers(B: Bench, model, b: int) -> dict:
+    """Greedy generate() of ours and transformers' on the same weights and prompts, batch b."""
+    S = B.S
+    ids = B.ids(b, S.prompt_len)
+    N = S.new_tokens
+    gen = {"batch": b, "prompt_len": S.prompt_len, "new_tokens": N}
+    out = {}
+    fns = {"ours": lambda: out.__setitem__("ours", model.generate(ids, max_new_tokens=N))}
+    try:
+        hf = hf_lm(model, S, S.n_layer).eval()
+        mask = torch.ones_like(ids)
+        fns["transformers"] = lambda: out.__setitem__("transformers", hf.generate(
+            ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+            pad_token_id=0))
+    except Exception as e:
+        gen["transformers_error"] = err_text(e)
+    t = B.interleave(fns)
+    gen["ours"] = t["ours"]
+    gen["ours_tokens_per_s"] = b * N / t["ours"]["median_s"]
+    if "transformers" in t:
+        gen["transformers"] = t["transformers"]
+        gen["transformers_tokens_per_s"] = b * N / t["transformers"]["median_s"]
+        gen["speedup_vs_transformers"] = ratio(t["transformers"], t["ours"])
+        # a check that both hold the same weights; ours picks among the vocab_size real tokens
+        # only, transformers among all padded_vocab_size rows, so a rare argmax in the padding
+        # can differ
+        gen["same_tokens"] = bool(torch.equal(out["transformers"].cpu(), out["ours"].cpu()))
+    print_table(f"generate(): {S.prompt_len}-token prompt + {N} new tokens, greedy, batch {b}",
+                ["", "ms", "new tok/s", "speedup", "same tokens"],
+                [["ours", ms(gen["ours"]), gen["ours_tokens_per_s"], None, None],
+                 ["transformers",
+                  (ms(gen["transformers"]) if "transformers" in gen
+                   else gen.get("transformers_error")),
+                  gen.get("transformers_tokens_per_s"), gen.get("speedup_vs_transformers"),
+                  str(gen.get("same_tokens", "—"))]])
+    B.add("decode", f"generate {N} tokens, batch {b}",
+          f"{gen['ours_tokens_per_s']:,.0f} tok/s" + (
+              f" vs transformers {gen['transformers_tokens_per_s']:,.0f} tok/s "
+              f"({gen['speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
+    return gen
+
+
 def bench_decode(B: Bench):
     S = B.S
     model = B.lm(S.n_layer)
@@ -736,45 +779,9 @@ def bench_decode(B: Bench):
                     ["batch", "step ms", "tok/s", "floor ms", "x floor", "floor+state ms",
                      "x floor+state"], rows)
 
-        # end-to-end greedy generation, ours vs transformers, batch 1, same weights and prompt
-        ids = B.ids(1, S.prompt_len)
-        N = S.new_tokens
-        gen = {"prompt_len": S.prompt_len, "new_tokens": N}
-        out = {}
-        fns = {"ours": lambda: out.__setitem__("ours", model.generate(ids, max_new_tokens=N))}
-        try:
-            hf = hf_lm(model, S, S.n_layer).eval()
-            mask = torch.ones_like(ids)
-            fns["transformers"] = lambda: out.__setitem__("transformers", hf.generate(
-                ids, attention_mask=mask, max_new_tokens=N, min_new_tokens=N, do_sample=False,
-                pad_token_id=0))
-        except Exception as e:
-            gen["transformers_error"] = err_text(e)
-        t = B.interleave(fns)
-        gen["ours"] = t["ours"]
-        gen["ours_tokens_per_s"] = N / t["ours"]["median_s"]
-        if "transformers" in t:
-            gen["transformers"] = t["transformers"]
-            gen["transformers_tokens_per_s"] = N / t["transformers"]["median_s"]
-            gen["speedup_vs_transformers"] = ratio(t["transformers"], t["ours"])
-            # a check that both hold the same weights; ours picks among the vocab_size real tokens
-            # only, transformers among all padded_vocab_size rows, so a rare argmax in the padding
-            # can differ
-            gen["same_tokens"] = bool(torch.equal(out["transformers"].cpu(), out["ours"].cpu()))
-            del hf
-        res["generate"] = gen
-        print_table(f"generate(): {S.prompt_len}-token prompt + {N} new tokens, greedy, batch 1",
-                    ["", "ms", "new tok/s", "speedup", "same tokens"],
-                    [["ours", ms(gen["ours"]), gen["ours_tokens_per_s"], None, None],
-                     ["transformers",
-                      (ms(gen["transformers"]) if "transformers" in gen
-                       else gen.get("transformers_error")),
-                      gen.get("transformers_tokens_per_s"), gen.get("speedup_vs_transformers"),
-                      str(gen.get("same_tokens", "—"))]])
-        B.add("decode", f"generate {N} tokens, batch 1",
-              f"{gen['ours_tokens_per_s']:,.0f} tok/s" + (
-                  f" vs transformers {gen['transformers_tokens_per_s']:,.0f} tok/s "
-                  f"({gen['speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
+        # end-to-end greedy generation, ours vs transformers, same weights and prompts
+        res["generate_by_batch"] = [generate_vs_transformers(B, model, b) for b in S.gen_batches]
+        res["generate"] = res["generate_by_batch"][0]
 
         # step latency after contexts of growing length (should be flat: the state has a fixed size)
         t = B.interleave({ctx: decode_step(B, model, 1, ctx) for ctx in S.contexts}, warmup=3,
