@@ -1159,13 +1159,16 @@ class InferenceCache:
 
     conv_state: (b, conv_dim, d_conv); ssm_state: (b, nheads, headdim, d_state). A forward with a
     cache starts from these and leaves the states after its last token in them, whatever the
-    number of tokens.
+    number of tokens. seq_id (b,) is the segment id of the last token a call with seq_idx left
+    (None before any): a later call with seq_idx whose row starts another segment starts that row
+    afresh, so that packed input fed in pieces gives what it gives whole.
     """
 
     def __init__(self, conv_state: torch.Tensor, ssm_state: torch.Tensor,
                  initial_ssm_state: Optional[torch.Tensor] = None):
         self.conv_state, self.ssm_state = conv_state, ssm_state
         self.initial_ssm_state = initial_ssm_state   # what reset() restores (learned), else zeros
+        self.seq_id: Optional[torch.Tensor] = None
 
     @classmethod
     def alloc(cls, batch_size: int, config: Mamba2Config, device=None, dtype=None):
@@ -1179,6 +1182,7 @@ class InferenceCache:
 
     def reset(self) -> "InferenceCache":
         self.conv_state.zero_()
+        self.seq_id = None
         if self.initial_ssm_state is None:
             self.ssm_state.zero_()
         else:
@@ -1342,6 +1346,7 @@ class _CacheUpdate(NamedTuple):
     ssm: Union[torch.Tensor, _StepUpdate]    # the state after the call, or a step's update
     conv: torch.Tensor                       # the conv window after the call
     start: torch.Tensor                      # the SSM state the call started from
+    seq_id: Optional[torch.Tensor] = None    # (b,) the segment of the call's last token
 
     def commit(self):
         if isinstance(self.ssm, _StepUpdate):
@@ -1349,6 +1354,8 @@ class _CacheUpdate(NamedTuple):
         else:
             self.cache.ssm_state.copy_(_detached(self.ssm))
         self.cache.conv_state.copy_(_detached(self.conv))
+        if self.seq_id is not None:
+            self.cache.seq_id = self.seq_id.to(torch.int64).clone()
 
     def final_state(self) -> torch.Tensor:
         """The state after the call, its own tensor (a later call must not change it)."""
@@ -1432,8 +1439,9 @@ class Mamba2(nn.Module):
 
         cp_group (a torch.distributed process group): context parallelism, see section 8. u is
         this rank's piece of one sequence split over the group's ranks in order; initial_states
-        (and a cache's start) belong to the first rank; the final states are those of the whole
-        sequence on every rank (differentiable on the last one, which computes them).
+        belong to the first rank; a cache must be fresh (a prefill: each rank's ends at its
+        piece's end); the final states are those of the whole sequence on every rank
+        (differentiable on the last one, which computes them).
         """
         def check():
             return self._check_inputs(u, seq_idx, cu_seqlens, initial_states, cache, cp_group)
@@ -1459,18 +1467,24 @@ class Mamba2(nn.Module):
     def _through_cache(self, u, cache: InferenceCache, seq_idx):
         """The block from the cache's states, writing nothing: (y, _CacheUpdate). One token takes
         the constant-time recurrent step."""
-        ssm, conv = cache.ssm_state, cache.conv_state
+        ssm, conv, w = cache.ssm_state, cache.conv_state, self.weights()
         if torch.is_grad_enabled():   # the graph keeps the states it started from: copies
             ssm, conv = ssm.clone(), conv.clone()
+        if seq_idx is not None and cache.seq_id is not None:   # rows starting another segment
+            ssm, conv = _continue_segments(w, ssm, conv, cache.seq_id, seq_idx)
         step = u.shape[1] == 1 and seq_idx is None
-        y, new_ssm, new_conv = _in_spans(u, self.weights(), ssm, seq_idx, conv, step=step)
-        return y, _CacheUpdate(cache, new_ssm, new_conv, ssm)
+        y, new_ssm, new_conv = _in_spans(u, w, ssm, seq_idx, conv, step=step)
+        return y, _CacheUpdate(cache, new_ssm, new_conv, ssm,
+                               None if seq_idx is None else seq_idx[:, -1])
 
     def _across_ranks(self, u, seq_idx, initial_states, cache, group, final: bool):
         """The block over this rank's piece of a sequence split across `group` (section 8):
         the states the previous rank's piece leaves come in, this piece's go on to the next rank.
         Returns (y, the whole sequence's final state or None, the cache's update or None)."""
-        rank, pieces = _check_pieces(group, u, seq_idx, "u")
+        cfg = self.config
+        rank, pieces = _check_pieces(group, u, seq_idx, "u", return_final_states=final,
+                                     nheads=cfg.nheads, headdim=cfg.headdim, d_state=cfg.d_state,
+                                     conv_dim=cfg.conv_dim, d_conv=cfg.d_conv)
         w = self.weights()
         conv_dtype = torch.get_autocast_dtype(u.device.type) \
             if torch.is_autocast_enabled(u.device.type) else w.conv_weight.dtype
@@ -1494,7 +1508,8 @@ class Mamba2(nn.Module):
         if rank < len(pieces) - 1:
             y = _send_states(y, group, rank + 1, (new_state, new_conv), seq_idx, self.layer_idx)
         whole = _from_last_rank(group, new_state) if final else None
-        update = None if cache is None else _CacheUpdate(cache, new_state, new_conv, state)
+        update = None if cache is None else _CacheUpdate(
+            cache, new_state, new_conv, state, None if seq_idx is None else seq_idx[:, -1])
         return y, whole, update
 
     def _check_inputs(self, u, seq_idx, cu_seqlens, initial_states, cache, cp_group=None):
@@ -1523,6 +1538,8 @@ class Mamba2(nn.Module):
             _check_tensor("initial_states", initial_states, shape, floating=True, device=u.device)
         if cp_group is not None:
             _check_cp_inputs(cp_group, initial_states, cu_seqlens)
+            if cache is not None:
+                _check_fresh_caches([cache])
         if cache is not None:
             if initial_states is not None:
                 raise ValueError("pass either initial_states or a cache (whose ssm_state is the "
@@ -1567,6 +1584,13 @@ def _check_cache(name: str, cache, cfg: Mamba2Config, b: int, dtype, device):
         _check_writable(f"{name}.{part}", getattr(cache, part))
     if _shares_memory(cache.ssm_state, cache.conv_state):
         raise ValueError(f"{name}.ssm_state and {name}.conv_state share memory")
+    _check_seq_id(name, cache, b, device)
+
+
+def _check_seq_id(name: str, cache, b: int, device):
+    if getattr(cache, "seq_id", None) is not None:
+        _check_tensor(f"{name}.seq_id", cache.seq_id, (b,), device=device,
+                      dtypes=(torch.int64,))
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:
@@ -1771,11 +1795,12 @@ class AttentionCache:
     each row's current segment begins (left padding and packing: earlier keys are unseen);
     bad (b, capacity) which stored tokens were not finite (stored as zeros); and the last d_conv
     inputs of the layer's convolution, conv_state (b, qkv_dim, d_conv), when it has one. The
-    buffers grow (doubling) when a call needs more than `capacity`."""
+    buffers grow (doubling) when a call needs more than `capacity`. seq_id as InferenceCache's."""
 
     def __init__(self, kv, bad, start, length: int = 0, conv_state=None):
         self.kv, self.bad, self.start, self.length, self.conv_state = \
             kv, bad, start, length, conv_state
+        self.seq_id: Optional[torch.Tensor] = None
 
     @classmethod
     def alloc(cls, batch_size: int, config: Mamba2Config, capacity: int = 256, device=None,
@@ -1794,6 +1819,7 @@ class AttentionCache:
 
     def reset(self) -> "AttentionCache":
         self.length = 0
+        self.seq_id = None
         self.start.zero_()
         self.bad.zero_()
         if self.conv_state is not None:
@@ -1825,6 +1851,7 @@ class _AttentionUpdate(NamedTuple):
     bad: Optional[torch.Tensor]              # (b, l) or None
     start: Optional[torch.Tensor]            # (b,) the new segment starts, or None: unchanged
     conv: Optional[torch.Tensor]             # the conv window after the call
+    seq_id: Optional[torch.Tensor] = None    # (b,) the segment of the call's last token
 
     def commit(self):
         c, (b, l) = self.cache, self.k.shape[:2]
@@ -1842,6 +1869,8 @@ class _AttentionUpdate(NamedTuple):
             c.start.copy_(self.start)
         if self.conv is not None:
             c.conv_state.copy_(self.conv.detach())
+        if self.seq_id is not None:
+            c.seq_id = self.seq_id.to(torch.int64).clone()
         c.length = end
 
 
@@ -1905,7 +1934,8 @@ class MHA(nn.Module):
         """Attention for this rank's queries over the keys of the whole sequence: the pieces'
         inputs are gathered, and the layer runs on the whole (each rank's cache gets every key).
         Returns (this piece's output, the cache's update or None)."""
-        rank, lengths = _check_pieces(group, x, seq_idx, "x")
+        rank, lengths = _check_pieces(group, x, seq_idx, "x", qkv_dim=self.qkv_dim,
+                                      d_conv=self.d_conv, causal=self.causal)
         whole = _gather_pieces(x, group, lengths)                          # (b, sum l_r, d)
         whole_seq_idx = None if seq_idx is None else \
             _gather_pieces(seq_idx.to(torch.int64), group, lengths)
@@ -1920,6 +1950,11 @@ class MHA(nn.Module):
         """(out, the cache's _AttentionUpdate or None), writing nothing."""
         b, l, _ = x.shape
         h, g, dh = self.num_heads, self.num_heads_kv, self.head_dim
+        start = None if cache is None else cache.start    # (b,) where each row's segment began
+        goes_on = None                                     # rows continuing the cached segment
+        if cache is not None and seq_idx is not None and cache.seq_id is not None:
+            goes_on = seq_idx[:, 0] == cache.seq_id        # the others start one here
+            start = torch.where(goes_on, cache.start, cache.length)
         # 1. in_proj: the q, k, v columns, and the gated MLP's up and gate halves
         qkv, mlp = self.in_proj(x).split([self.qkv_dim, self.mlp_dim], dim=-1)
         # 2. a depthwise causal convolution over the q, k, v columns (no activation); the cache
@@ -1927,6 +1962,8 @@ class MHA(nn.Module):
         conv = None
         if self.d_conv > 0:
             before = None if cache is None else cache.conv_state
+            if goes_on is not None:
+                before = torch.where(goes_on[:, None, None], before, 0)
             if before is not None and l == 1 and seq_idx is None:
                 qkv, conv = _conv_step(qkv[:, 0], self.conv1d.weight, self.conv1d.bias, before)
                 qkv = qkv.unsqueeze(1)
@@ -1936,13 +1973,13 @@ class MHA(nn.Module):
         q, k, v = qkv.split([h * dh, g * dh, g * dh], dim=-1)
         q, k, v = q.unflatten(-1, (h, dh)), k.unflatten(-1, (g, dh)), v.unflatten(-1, (g, dh))
         # 3. rotary embeddings at each token's position in its segment (continuing the cache's)
-        offset = None if cache is None else cache.length - cache.start                # (b,)
+        offset = None if cache is None else cache.length - start                      # (b,)
         pos = _segment_positions(seq_idx, b, l, x.device, offset)
         args = (self.rotary_emb_dim, self.rotary_emb_base, self.rotary_emb_interleaved)
         q, k = rotary(q, pos, *args), rotary(k, pos, *args)
         # 4. attention: softmax(q kᵀ · scale) v within segments, causal
         k, v, bad = _finite_keys(k, v)
-        out, reached = self._attention(q, k, v, bad, seq_idx, cache)
+        out, reached = self._attention(q, k, v, bad, seq_idx, cache, start)
         if reached is not None:                          # queries that see a non-finite token
             out = torch.where(reached[..., None, None], math.nan, out)
         # 5. out_proj of [attention output, MLP output]
@@ -1957,11 +1994,12 @@ class MHA(nn.Module):
             if seq_idx is not None:       # a segment starting inside the call: the keys before go
                 starts = _segment_positions(seq_idx, b, l, x.device)[:, -1]        # unseen
                 new_start = torch.where(seq_idx[:, -1] != seq_idx[:, 0],
-                                        cache.length + l - 1 - starts, cache.start)
-            update = _AttentionUpdate(cache, k, v, bad, new_start, conv)
+                                        cache.length + l - 1 - starts, start)
+            update = _AttentionUpdate(cache, k, v, bad, new_start, conv,
+                                      None if seq_idx is None else seq_idx[:, -1])
         return y, update
 
-    def _attention(self, q, k, v, bad, seq_idx, cache):
+    def _attention(self, q, k, v, bad, seq_idx, cache, start):
         """(out (b, l, h, dh), which queries see a non-finite key (b, l) or None)."""
         b, l = q.shape[:2]
         scale = self.softmax_scale
@@ -1976,7 +2014,7 @@ class MHA(nn.Module):
             out = _attend(q, k, v, visible, scale)
             return out, None if bad is None else (visible & bad[:, None, :]).any(-1)
         L = cache.length
-        seen = torch.arange(L, device=q.device) >= cache.start[:, None]            # (b, L)
+        seen = torch.arange(L, device=q.device) >= start[:, None]                  # (b, L)
         old_bad = cache.bad[:, :L]
         if l == 1 and seq_idx is None:                  # one token: the cache is read in place
             out = _attend_one(q[:, 0], k[:, 0], v[:, 0], cache.kv[:, :L, 0], cache.kv[:, :L, 1],
@@ -2022,6 +2060,7 @@ def _check_attention_cache(name: str, cache, mha: MHA, b: int, dtype, device):
         raise ValueError(f"{name}.length must be an int in [0, {capacity}], got {cache.length!r}")
     _check_tensor(f"{name}.bad", cache.bad, (b, capacity), device=device, dtypes=(torch.bool,))
     _check_tensor(f"{name}.start", cache.start, (b,), device=device, dtypes=(torch.int64,))
+    _check_seq_id(name, cache, b, device)
     parts = ["kv", "bad", "start"]
     if mha.d_conv > 0:
         _check_tensor(f"{name}.conv_state", cache.conv_state, (b, mha.qkv_dim, mha.d_conv),
@@ -2042,12 +2081,16 @@ def _check_attention_cache(name: str, cache, mha: MHA, b: int, dtype, device):
 # wavefront: rank r runs layer i while rank r + 1 waits for it, then both run on. In backward
 # the gradients of those states travel the other way. Attention layers need every earlier key:
 # their input is all-gathered (communication and attention work grow with the length there).
-# Every rank of the group must make the same calls, and backpropagate when one does.
+# Every rank of the group must make the same calls, and when one backpropagates, every one must,
+# through the outputs of those calls (a rank whose loss ignores them leaves the others waiting).
 
 def _check_cp_group(group):
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("cp_group needs torch.distributed initialised (init_process_group)")
+    if not isinstance(group, bool) and group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError("cp_group does not contain this process (new_group returns a placeholder "
+                         "to the ranks outside it): call with cp_group only on its ranks")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"cp_group must be a torch.distributed ProcessGroup (e.g. "
                         f"dist.new_group(ranks) or dist.group.WORLD), got {type(group).__name__}")
@@ -2064,10 +2107,12 @@ def _check_cp_inputs(group, initial_states, cu_seqlens):
                          f"is rank {dist.get_rank(group)} of the group")
 
 
-def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] = None):
+def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] = None,
+                           **agree):
     """check()'s result. If it (or an earlier `problem`) fails on any rank of the group, every
     rank raises — this one its own error, the others a ValueError naming it — and none is left
-    waiting for a message that will not come."""
+    waiting for a message that will not come. The ints in `agree` (flags of the call) must be
+    the same on every rank."""
     import torch.distributed as dist
     _check_cp_group(group)
     result = None
@@ -2076,16 +2121,21 @@ def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] 
             result = check()
         except (ValueError, TypeError) as e:
             problem = e
-    mine = torch.tensor([problem is not None], dtype=torch.int64,
+    mine = torch.tensor([problem is not None, *map(int, agree.values())], dtype=torch.int64,
                         device=_comm_device(group, torch.device("cpu")))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
+    every = torch.stack(every).tolist()
     if problem is not None:
         raise problem
-    refused = [r for r, flag in enumerate(every) if flag.item()]
+    refused = [r for r, row in enumerate(every) if row[0]]
     if refused:
         raise ValueError(f"cp_group rank(s) {refused} refused their piece of this call (their "
                          f"error says why); every rank stops")
+    for col, what in enumerate(agree, start=1):
+        if len({row[col] for row in every}) > 1:
+            raise ValueError(f"with cp_group every rank must agree in {what}; got "
+                             f"{[row[col] for row in every]} across the ranks")
     return result
 
 
@@ -2102,22 +2152,28 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return device
 
 
-def _check_pieces(group, x: torch.Tensor, seq_idx, name: str):
-    """Every rank's (batch, length, packing, recording, dtype) gathered: (rank, lengths). A rank
-    whose call does not fit the others' raises here, on every rank, before anything is sent."""
+def _check_pieces(group, x: torch.Tensor, seq_idx, name: str, **agree):
+    """Every rank's (batch, length, width, packing, grad mode, dtype, autocast, and the ints in
+    `agree`: layer shapes, flags) gathered: (rank, lengths). A rank whose call does not fit the
+    others' makes every rank raise here, before anything is sent."""
     import torch.distributed as dist
-    recording = torch.is_grad_enabled()
-    dtype = _CP_DTYPES.index(x.dtype) if x.dtype in _CP_DTYPES else -1
-    mine = torch.tensor([x.shape[0], x.shape[1], seq_idx is not None, recording, dtype],
-                        dtype=torch.int64, device=_comm_device(group, x.device))
+    def code(dtype):
+        return _CP_DTYPES.index(dtype) if dtype in _CP_DTYPES else -1
+    device = x.device.type
+    autocast = code(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else -2
+    fields = {"batch size": x.shape[0], "width": x.shape[-1], "seq_idx given": seq_idx is not None,
+              "grad mode": torch.is_grad_enabled(), "dtype": code(x.dtype), "autocast": autocast,
+              **agree}
+    mine = torch.tensor([x.shape[1], *map(int, fields.values())], dtype=torch.int64,
+                        device=_comm_device(group, x.device))
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(every, mine, group=group)
-    every = torch.stack(every).tolist()                                     # (K, 5)
-    for what, col in (("batch size", 0), ("seq_idx given", 2), ("grad mode", 3), ("dtype", 4)):
+    every = torch.stack(every).tolist()                              # (K, 1 + fields)
+    for col, what in enumerate(fields, start=1):
         if len({row[col] for row in every}) > 1:
             raise ValueError(f"with cp_group every rank's {name} must agree in {what}; got "
                              f"{[row[col] for row in every]} across the ranks")
-    return dist.get_rank(group), [row[1] for row in every]
+    return dist.get_rank(group), [row[0] for row in every]
 
 
 class _SendStates(torch.autograd.Function):
@@ -2336,14 +2392,18 @@ class Mamba2Model(nn.Module):
             update.commit()
         return hidden
 
-    def _forward(self, input_ids, cache, seq_idx, cp_group=None, problem=None):
+    def _forward(self, input_ids, cache, seq_idx, cp_group=None, problem=None, **agree):
         """The hidden states and the caches' updates, none of them written yet. (`problem`: a
-        caller's check that failed, to be raised on every rank of cp_group.)"""
+        caller's check that failed, to be raised on every rank of cp_group; `agree`: its flags.)"""
         if cp_group is None:
             self._check_inputs(input_ids, cache, seq_idx)
         else:
-            _checked_on_every_rank(cp_group,
-                                   lambda: self._check_inputs(input_ids, cache, seq_idx), problem)
+            def check():
+                self._check_inputs(input_ids, cache, seq_idx)
+                if cache is not None:
+                    _check_fresh_caches(cache)
+            _checked_on_every_rank(cp_group, check, problem, cache_given=cache is not None,
+                                   **agree)
         return self._run(input_ids, cache, seq_idx, cp_group)
 
     def _run(self, input_ids, cache, seq_idx, cp_group=None):
@@ -2398,6 +2458,21 @@ class Mamba2Model(nn.Module):
         return [layer.mixer.allocate_inference_cache(batch_size, dtype, max_seqlen=max_seqlen)
                 if isinstance(layer.mixer, MHA) else
                 layer.mixer.allocate_inference_cache(batch_size, dtype) for layer in self.layers]
+
+
+def _check_fresh_caches(caches):
+    """With cp_group a cache can only be filled from its start (a prefill): the pieces after the
+    first would otherwise need what the other ranks' caches hold."""
+    for i, c in enumerate(caches):
+        if isinstance(c, AttentionCache):
+            fresh = c.length == 0
+        else:
+            start = c.initial_ssm_state
+            fresh = (not c.conv_state.any() and c.seq_id is None and
+                     (not c.ssm_state.any() if start is None else torch.equal(c.ssm_state, start)))
+        if not fresh:
+            raise ValueError(f"with cp_group the caches must be fresh (allocated, or reset()): "
+                             f"a prefill across ranks starts from nothing; cache[{i}] holds state")
 
 
 def _cache_tensors(cache) -> list:
@@ -2463,7 +2538,9 @@ class Mamba2LMHeadModel(nn.Module):
             if cp_group is None:
                 raise
             problem = e                     # raised on every rank by the backbone's check
-        hidden, pending = self.backbone._forward(input_ids, cache, seq_idx, cp_group, problem)
+        hidden, pending = self.backbone._forward(input_ids, cache, seq_idx, cp_group, problem,
+                                                 labels_given=labels is not None,
+                                                 num_last_tokens=num_last_tokens)
         if labels is not None and cp_group is not None:
             out = self._loss_across_ranks(hidden, labels, cp_group)
         elif labels is not None:
@@ -2538,32 +2615,37 @@ class Mamba2LMHeadModel(nn.Module):
         memory-mapped and converted one at a time to `device` and `dtype` (a torch.dtype or its
         name, e.g. "bfloat16"); by default the checkpoint's dtype — for a file mixing dtypes
         (state-spaces/mamba2-2.7b holds fp16 and fp32 tensors) the one most of its weights have.
-        Nothing is unpickled beyond plain tensors, and no file outside the checkpoint is read."""
+        Each tensor goes from its stored dtype straight to its parameter's, so D, fp32 in a bf16
+        model as official, keeps its stored fp32 value: save_pretrained -> from_pretrained is
+        exact. Nothing is unpickled beyond plain tensors, and no file outside the checkpoint is
+        read. A save_pretrained of the directory that was interrupted is completed first."""
         dtype, device = _as_dtype(dtype), _as_device(device)
         path = resolve_checkpoint(name_or_path)
+        _finish_interrupted_save(path)
         config, fmt = read_checkpoint_config(path)
-        tensors = load_checkpoint_tensors(path, device=device, dtype=dtype)
+        sources, target = _checkpoint_sources(path, dtype=dtype)
         with torch.device("meta"):   # built in the weights' dtype: D is fp32 there, as official
-            model = cls(config, dtype=next(iter(tensors.values())).dtype if tensors else dtype)
-        if fmt == "transformers" and "backbone.embeddings.weight" in tensors:
-            tensors["backbone.embedding.weight"] = tensors.pop("backbone.embeddings.weight")
+            model = cls(config, dtype=target)
+        if fmt == "transformers" and "backbone.embeddings.weight" in sources:
+            sources["backbone.embedding.weight"] = sources.pop("backbone.embeddings.weight")
         expected = dict(model.state_dict())
         if config.tie_embeddings:
-            tensors.pop("lm_head.weight", None)   # tied: the head is the embedding (official files
+            sources.pop("lm_head.weight", None)   # tied: the head is the embedding (official files
             expected.pop("lm_head.weight")        # hold both)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
+        missing = sorted(set(expected) - set(sources))
+        unexpected = sorted(set(sources) - set(expected))
         if missing or unexpected:
             more = "..." if len(missing) > 8 else ""
             extra = "..." if len(unexpected) > 8 else ""
             raise ValueError(f"checkpoint {path} does not match the model: missing tensors "
                              f"{missing[:8]}{more}, unexpected tensors {unexpected[:8]}{extra}")
-        for name, t in tensors.items():
-            if tuple(t.shape) != tuple(expected[name].shape):
-                raise ValueError(f"checkpoint tensor {name} has shape {tuple(t.shape)}, the config "
+        for name, source in sources.items():
+            if source.shape != tuple(expected[name].shape):
+                raise ValueError(f"checkpoint tensor {name} has shape {source.shape}, the config "
                                  f"implies {tuple(expected[name].shape)}")
-            if t.dtype != expected[name].dtype:
-                tensors[name] = t.to(expected[name].dtype)
+        # one conversion per tensor, stored dtype -> the parameter's: never through a narrower one
+        tensors = {name: source.read(device, expected[name].dtype)
+                   for name, source in sources.items()}
         model.load_state_dict(tensors, strict=False, assign=True)
         model.tie_weights()
         return model.eval()
@@ -2571,8 +2653,11 @@ class Mamba2LMHeadModel(nn.Module):
     def save_pretrained(self, directory: Union[str, os.PathLike], format: str = "mamba_ssm",
                         max_shard_size: Union[int, str] = "5GB"):
         """Write a checkpoint that from_pretrained reads back exactly, atomically: every file is
-        written under a temporary name in `directory`, synced, then renamed into place, so a
-        failure at any point (a full disk, say) leaves the earlier checkpoint as it was.
+        written under a temporary name in `directory` and synced; then a journal listing the
+        renames and removals still to do is committed, they are done and the journal removed. A
+        failure before the commit (a full disk, say) leaves the earlier checkpoint as it was; one
+        after it is completed by the next from_pretrained or save_pretrained of `directory`.
+        Either way that reads exactly the earlier checkpoint or exactly this one, never a mix.
 
         format="mamba_ssm" (default): what the official code reads — config.json with the official
         keys only (MambaConfig(**json) accepts it) and pytorch_model.bin, plus model.safetensors.
@@ -2580,16 +2665,16 @@ class Mamba2LMHeadModel(nn.Module):
         model.safetensors.index.json) for transformers.Mamba2ForCausalLM.from_pretrained.
         format="full": every Mamba2Config field (read by this library only) + model.safetensors.
         A setting a format cannot express is refused before anything is written. Weight files of
-        an earlier checkpoint in `directory` (the standard names, and what their index names) are
-        removed; other files are never touched."""
+        an earlier checkpoint in `directory` (model.safetensors, pytorch_model.bin, their index
+        files, and the shards an index names that are called as shards are,
+        model-00001-of-00002.safetensors) are removed; other files are never touched."""
         formats = ("mamba_ssm", "transformers", "full")
         if format not in formats:
             raise ValueError(f"format must be one of {formats}, got {format!r}")
         if not isinstance(directory, (str, os.PathLike)):
             raise TypeError(f"directory must be a str or path, got {type(directory).__name__}")
         directory = Path(directory).expanduser()
-        if directory.exists() and not directory.is_dir():
-            raise ValueError(f"directory {str(directory)!r} exists and is not a directory")
+        _check_directory_can_be(directory)
         state = _state_to_save(self)
         if format == "transformers":
             config = config_to_transformers(self.config, self.dtype)

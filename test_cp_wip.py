@@ -169,8 +169,21 @@ def _errors_case(rank, k, dist, mamba2):
     block = mamba2.Mamba2(mamba2.Mamba2Config(d_model=8, d_state=4, headdim=4), dtype=F64)
     lm = mamba2.Mamba2LMHeadModel(mamba2.Mamba2Config(d_model=8, n_layer=2, vocab_size=50,
                                                      d_state=4, headdim=4), dtype=F64)
+    other = mamba2.Mamba2(mamba2.Mamba2Config(d_model=8, d_state=2, headdim=4), dtype=F64)
     group = dist.group.WORLD
     seen = {}
+
+    def autocast_call(on):
+        b32 = mamba2.Mamba2(mamba2.Mamba2Config(d_model=8, d_state=4, headdim=4))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=on):
+            return b32(torch.randn(1, 5, 8), cp_group=group)
+
+    def warm_prefill():
+        cache = lm.allocate_inference_cache(1)
+        if rank == 1:
+            lm(torch.ones(1, 2, dtype=torch.long), cache=cache)
+        return lm(torch.ones(1, 3, dtype=torch.long), cache=cache, cp_group=group)
+
     cases = {
         "batch": lambda: block(torch.randn(1 + rank % 2, 5, 8, dtype=F64), cp_group=group),
         "initial": lambda: block(torch.randn(1, 5, 8, dtype=F64), cp_group=group,
@@ -183,6 +196,15 @@ def _errors_case(rank, k, dist, mamba2):
                                                            dtype=torch.long)),
         "cu_seqlens": lambda: block(torch.randn(1, 5, 8, dtype=F64), cp_group=group,
                                     cu_seqlens=torch.tensor([0, 5])),
+        "final states on one rank": lambda: block(torch.randn(1, 5, 8, dtype=F64), cp_group=group,
+                                                  return_final_states=rank == 0),
+        "labels on one rank only": lambda: lm(torch.ones(1, 4, dtype=torch.long), cp_group=group,
+                                              labels=torch.ones(1, 4, dtype=torch.long)
+                                              if rank == 0 else None),
+        "another block on one rank": lambda: (other if rank == 0 else block)(
+            torch.randn(1, 5, 8, dtype=F64), cp_group=group),
+        "autocast on one rank": lambda: autocast_call(rank == 0),
+        "a cache that holds state": lambda: warm_prefill(),
     }
     for name, call in cases.items():
         try:
@@ -277,7 +299,13 @@ def test_context_parallel_mistakes_are_named_errors(cp_results):
         assert e["initial"].startswith("ValueError") and want in e["initial"], e["initial"]
         assert e["group"].startswith("TypeError") and "cp_group" in e["group"], e["group"]
         assert e["cu_seqlens"].startswith("ValueError") and "seq_idx" in e["cu_seqlens"]
+        for case, what in (("final states on one rank", "return_final_states"),
+                           ("labels on one rank only", "labels_given"),
+                           ("another block on one rank", "d_state"),
+                           ("autocast on one rank", "autocast")):
+            assert e[case].startswith("ValueError") and f"agree in {what}" in e[case], e[case]
         for case, culprit, says in (("ids on one rank", k - 1, "vocab_size"),
-                                    ("labels on one rank", 0, "labels")):
+                                    ("labels on one rank", 0, "labels"),
+                                    ("a cache that holds state", 1, "fresh")):
             want = says if rank == culprit else f"rank(s) [{culprit}] refused"
             assert e[case].startswith("ValueError") and want in e[case], (case, e[case])

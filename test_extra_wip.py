@@ -23,3 +23,50 @@ def test_a_non_causal_attention_layer_refuses_a_cache():
         other = ids.clone()
         other[0, 4] = (ids[0, 4] + 1) % 64
         assert not torch.equal(model(ids)[:, 0], model(other)[:, 0])
+
+
+def test_the_code_passes_the_linter():
+    """Lines <= 100 and the pyflakes rules (ruff.toml), on every Python file of the repo."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent
+    files = sorted(str(p.name) for p in repo.glob("*.py"))
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", *files], cwd=repo,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def _lm(attn=False, seed=0):
+    extra = dict(attn_layer_idx=[1], attn_cfg=dict(num_heads=4, num_heads_kv=2, causal=True,
+                                                  rotary_emb_dim=4, d_conv=3)) if attn else {}
+    torch.manual_seed(seed)
+    model = mamba2.Mamba2LMHeadModel(mamba2.Mamba2Config(
+        d_model=32, n_layer=3, vocab_size=64, headdim=8, d_state=8, chunk_size=4,
+        learnable_init_states=True, **extra), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("attn", [False, True], ids=["mamba", "hybrid"])
+@pytest.mark.parametrize("cuts", [[4], [3], [1, 2, 3, 4, 5, 6, 7, 8, 9], [2, 7]],
+                         ids=["at a segment start", "inside", "token by token", "two cuts"])
+def test_packed_input_fed_through_a_cache_in_pieces_equals_the_whole(attn, cuts):
+    """The cache remembers the segment of the last token it saw: a piece whose row starts another
+    segment starts that row afresh (learned init state, empty conv window, no earlier keys)."""
+    model = _lm(attn)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+    seq = torch.tensor([[0] * 4 + [1] * 3 + [2] * 3, [5] * 2 + [6] * 8])
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq)
+        cache = model.allocate_inference_cache(2)
+        bounds = [0] + cuts + [10]
+        pieces = [model(ids[:, a:b], seq_idx=seq[:, a:b], cache=cache)
+                  for a, b in zip(bounds, bounds[1:])]
+    torch.testing.assert_close(torch.cat(pieces, 1), whole, rtol=0, atol=1e-12)
+    assert all(torch.equal(c.seq_id, seq[:, -1]) for c in cache)
+    for c in cache:                                     # reset forgets the segment
+        c.reset()
+        assert c.seq_id is None
