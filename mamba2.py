@@ -412,6 +412,14 @@ def _check_step_sizes(x, dt, A, B, C, D):
         if not isinstance(D, torch.Tensor):
             raise TypeError(f"D must be a torch.Tensor or None, got {type(D).__name__}")
         _check_tensor("D", D, (h,) if D.dim() <= 1 else (h, p), floating=True, device=x.device)
+    # The scan's decays exp(dt A) are at most 1 (it relies on that); a positive A is the
+    # classic slip of passing A_log. (NaN passes: it is poison the scan carries forward.)
+    if bool((A > 0).any()):
+        raise ValueError(f"A must be <= 0 (decay rates: A = -exp(A_log)), got a maximum of "
+                         f"{A.max().item():.4g}")
+    if bool((dt < 0).any()):
+        raise ValueError(f"dt must be >= 0 (step sizes, after softplus), got a minimum of "
+                         f"{dt.min().item():.4g}")
 
 
 def _check_writable(name: str, t: torch.Tensor):
@@ -474,6 +482,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     _check_tensor("x", x, (None, None, None), floating=True)
     b, l, d = x.shape
+    if min(b, l, d) < 1:
+        raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)}")
     weight = _check_conv_weight(weight, d, x.device)
     w = weight.shape[-1]
     if bias is not None:
@@ -1444,6 +1454,9 @@ class Mamba2(nn.Module):
         (differentiable on the last one, which computes them).
         """
         def check():
+            if not isinstance(return_final_states, bool):
+                raise TypeError(f"return_final_states must be a bool, got "
+                                f"{return_final_states!r}")
             return self._check_inputs(u, seq_idx, cu_seqlens, initial_states, cache, cp_group)
         seq_idx, initial_states = check() if cp_group is None else \
             _checked_on_every_rank(cp_group, check)
@@ -1536,6 +1549,11 @@ class Mamba2(nn.Module):
         shape = (b, cfg.nheads, cfg.headdim, cfg.d_state)
         if initial_states is not None:
             _check_tensor("initial_states", initial_states, shape, floating=True, device=u.device)
+            wanted = (_compute_dtype(u.dtype), u.dtype)
+            if initial_states.dtype not in wanted:
+                raise TypeError(f"initial_states has dtype {initial_states.dtype}; the scan runs "
+                                f"in {wanted[0]} (the dtype of final states) for u of dtype "
+                                f"{u.dtype}: pass it in {wanted[0]} or {u.dtype}")
         if cp_group is not None:
             _check_cp_inputs(cp_group, initial_states, cu_seqlens)
             if cache is not None:
@@ -3053,26 +3071,46 @@ def _weight_files(path: Path) -> list:
 def load_checkpoint_tensors(path: Path, device=None, dtype=None) -> dict:
     """All weight tensors of a checkpoint directory, memory-mapped where the format allows,
     unpickling nothing but tensors, each converted to `device` and `dtype` as it is read (so a
-    checkpoint is never held twice). dtype=None: the floating dtype most of the weights have. A
-    tensor stored in two shards, or a non-floating tensor, is an error naming it."""
+    checkpoint is never held twice). dtype=None: the floating dtype most of the weights have
+    (from_pretrained instead converts each tensor to the dtype of its parameter). A tensor
+    stored in two shards, or a non-floating tensor, is an error naming it."""
+    _finish_interrupted_save(Path(path))
+    sources, target = _checkpoint_sources(path, dtype=dtype)
+    return {name: source.read(device, target) for name, source in sources.items()}
+
+
+class _StoredTensor(NamedTuple):
+    """One tensor of a weight file as stored, not read yet."""
+    file: Path
+    dtype: torch.dtype
+    shape: tuple
+    load: Callable
+
+    def read(self, device, dtype: torch.dtype) -> torch.Tensor:
+        """The tensor on `device` in `dtype`, converted once from its stored dtype. copy=True:
+        a tensor of its own, aligned as the allocator aligns it, rather than a view into the
+        file's mapping (whose offsets change BLAS kernels, and so the last bits of results)."""
+        return self.load().to(device=device, dtype=dtype, copy=True)
+
+
+def _checkpoint_sources(path: Path, dtype: Optional[torch.dtype] = None):
+    """({name: _StoredTensor} of a checkpoint directory, nothing read yet; the dtype to build
+    the model in: `dtype`, by default the floating dtype most of the weights have)."""
     sources = {}
     for file in _weight_files(Path(path)):
-        for name, (stored, read) in _lazy_tensors(file).items():
+        for name, stored in _lazy_tensors(file).items():
             if name in sources:
-                raise ValueError(f"tensor {name!r} is stored twice: in {sources[name][0].name} and "
-                                 f"in {file.name}")
-            sources[name] = (file, stored, read)
+                raise ValueError(f"tensor {name!r} is stored twice: in {sources[name].file.name} "
+                                 f"and in {file.name}")
+            sources[name] = stored
     counts = {}
-    for name, (file, stored, _) in sources.items():
-        if not stored[0].is_floating_point:
-            raise ValueError(f"{file}: tensor {name!r} has dtype {stored[0]}; the weights of a "
-                             f"Mamba-2 checkpoint are floating point")
-        counts[stored[0]] = counts.get(stored[0], 0) + stored[1]
+    for name, stored in sources.items():
+        if not stored.dtype.is_floating_point:
+            raise ValueError(f"{stored.file}: tensor {name!r} has dtype {stored.dtype}; the "
+                             f"weights of a Mamba-2 checkpoint are floating point")
+        counts[stored.dtype] = counts.get(stored.dtype, 0) + math.prod(stored.shape)
     target = dtype or max(counts, key=counts.get, default=torch.float32)
-    # copy=True: tensors of their own, aligned as the allocator aligns them, rather than views
-    # into the file's mapping (whose offsets change BLAS kernels, and so the last bits of results)
-    return {name: read().to(device=device, dtype=target, copy=True)
-            for name, (_, _, read) in sources.items()}
+    return sources, target
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -3081,7 +3119,7 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 
 
 def _lazy_tensors(file: Path) -> dict:
-    """{name: ((dtype, numel), read())} for one weight file, nothing materialised yet."""
+    """{name: _StoredTensor} for one weight file, nothing materialised yet."""
     try:
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -3089,9 +3127,9 @@ def _lazy_tensors(file: Path) -> dict:
             out = {}
             for k in handle.keys():
                 part = handle.get_slice(k)
-                stored = (_SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8),
-                          math.prod(part.get_shape()))
-                out[k] = (stored, functools.partial(handle.get_tensor, k))
+                out[k] = _StoredTensor(file, _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8),
+                                       tuple(part.get_shape()),
+                                       functools.partial(handle.get_tensor, k))
             return out
         # legacy (non-zip) torch.save files cannot be memory-mapped; weights_only runs no code
         state = torch.load(str(file), map_location="cpu", mmap=zipfile.is_zipfile(file),
@@ -3104,7 +3142,8 @@ def _lazy_tensors(file: Path) -> dict:
                          f"{type(e).__name__}: {e}") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{file} does not hold a state dict of tensors")
-    return {k: ((v.dtype, v.numel()), lambda v=v: v) for k, v in state.items()}
+    return {k: _StoredTensor(file, v.dtype, tuple(v.shape), lambda v=v: v)
+            for k, v in state.items()}
 
 
 def _as_dtype(dtype) -> Optional[torch.dtype]:
@@ -3192,46 +3231,210 @@ def _json_writer(obj):
     return lambda path: path.write_text(text, encoding="utf-8")
 
 
-def _write_checkpoint(directory: Path, files: dict):
-    """Write {name: writer(path)} into directory atomically (temporary names, fsync, rename), then
-    remove the earlier checkpoint's weight files that this one does not replace: the standard
-    names in _WEIGHT_FILES and the shards their index names — never anything else."""
-    directory.mkdir(parents=True, exist_ok=True)
+def _check_directory_can_be(directory: Path):
+    """A ValueError naming `directory` unless it is a directory or can be created as one."""
+    for p in (directory, *directory.parents):
+        if p.is_symlink() or p.exists():
+            if p.is_dir():
+                return
+            if p == directory:
+                raise ValueError(f"directory {str(directory)!r} exists and is not a directory")
+            raise ValueError(f"directory {str(directory)!r} cannot be created: {str(p)!r} is a "
+                             f"file, not a directory")
+
+
+# save_pretrained's journal: the renames and removals a committed save still has to do (see
+# _write_checkpoint). Not *.json, so that hub downloads (resolve_checkpoint) never fetch one.
+_JOURNAL = ".save_pretrained.journal"
+_SHARD_NAME = re.compile(r"model-\d{5,}-of-\d{5,}\.safetensors|pytorch_model-\d{5,}-of-\d{5,}\.bin")
+_TEMP_NAME = re.compile(r"\.(.+)\.\d+\.tmp")     # .<final name>.<pid>.tmp
+
+
+def _is_weight_file_name(name) -> bool:
+    """Whether save_pretrained may remove a file of this name: a plain name (inside the
+    directory) of a weight file — a standard one, an index, or a shard named as transformers
+    names them (model-00001-of-00002.safetensors, pytorch_model-00001-of-00002.bin)."""
+    return isinstance(name, str) and (name in _WEIGHT_FILES or bool(_SHARD_NAME.fullmatch(name)))
+
+
+def _is_file_or_link(p: Path) -> bool:
+    return p.is_symlink() or p.is_file()
+
+
+def _stale_weight_files(directory: Path) -> set:
+    """The weight files of the checkpoint in `directory`: the standard names, and the shards an
+    index names (only those named as shards are, inside the directory) — never anything else."""
     stale = set()
     for name in _WEIGHT_FILES:
-        if (directory / name).is_file():
-            stale.add(name)
-            if name.endswith(".index.json"):
-                try:
-                    weight_map = json.loads((directory / name).read_text())["weight_map"]
-                    stale |= {s for s in weight_map.values() if isinstance(s, str)}
-                except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                    pass                                   # a broken index: only itself goes
-    temps = {}
+        if not _is_file_or_link(directory / name):
+            continue
+        stale.add(name)
+        if name.endswith(".index.json"):
+            try:
+                shards = json.loads((directory / name).read_bytes().decode("utf-8"))["weight_map"]
+                shards = list(shards.values())
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue                                   # a broken index: only itself goes
+            stale |= {s for s in shards if _is_weight_file_name(s) and
+                      _is_file_or_link(directory / s)}
+    return stale
+
+
+def _journal_steps(names, stale: set, temps: dict) -> list:
+    """The steps of a save, in an order that also keeps readers that know nothing of journals
+    (transformers, older versions) from mixing checkpoints where it can: the old indexes that no
+    new one replaces first (an index is read before the other files, so a stale one would shadow
+    the new weights), then the new shards, indexes, single files, config.json last, then the
+    other old files. No name is both removed and renamed into place, so that each step can be
+    repeated, even by two processes completing the same journal."""
+    def rank(name):
+        return (name == "config.json", name.endswith(".index.json") or name in _WEIGHT_FILES)
+    stale = stale - set(names)
+    indexes = sorted(n for n in stale if n.endswith(".index.json"))
+    return [["remove", n] for n in indexes] + \
+        [["replace", temps[n].name, n] for n in sorted(names, key=rank)] + \
+        [["remove", n] for n in sorted(stale - set(indexes))]
+
+
+def _valid_step(step) -> bool:
+    if not isinstance(step, list) or not step or step[0] not in ("replace", "remove"):
+        return False
+    if step[0] == "remove":
+        return len(step) == 2 and _is_weight_file_name(step[1])
+    if len(step) != 3 or not all(isinstance(s, str) for s in step):
+        return False
+    temp = _TEMP_NAME.fullmatch(step[1])
+    return temp is not None and temp.group(1) == step[2] and \
+        (step[2] == "config.json" or _is_weight_file_name(step[2]))
+
+
+def _read_journal(directory: Path) -> Optional[list]:
+    """The steps of the journal in `directory`, None when there is none."""
+    file = directory / _JOURNAL
+    if not (file.is_symlink() or file.exists()):
+        return None
+    problem = None
+    try:
+        steps = json.loads(file.read_bytes().decode("utf-8"))["steps"]
+        if not isinstance(steps, list) or not all(_valid_step(s) for s in steps):
+            problem = "its steps are not renames of temporary files into place or removals of " \
+                      "weight files"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise ValueError(f"{file} is not a valid save_pretrained journal ({problem}); unless a "
+                         f"save_pretrained is still running, remove it and check the checkpoint")
+    return steps
+
+
+def _run_journal(directory: Path, steps: list) -> bool:
+    """Do the steps that are not done yet, in order, so that repeating a journal is harmless: a
+    rename whose temporary file is still there, a removal of a file still there (a journal never
+    removes a name it renames into place). Whether any was to do."""
+    targets = {s[2] for s in steps if s[0] == "replace"}
+    todo = [s for s in steps if _is_file_or_link(directory / s[1]) and
+            not (s[0] == "remove" and s[1] in targets)]
+    for step in todo:
+        try:
+            if step[0] == "replace":
+                os.replace(directory / step[1], directory / step[2])
+            else:
+                os.unlink(directory / step[1])
+        except FileNotFoundError:        # done meanwhile (another process completing it too)
+            pass
+    if todo:
+        _sync_directory(directory)
+    return bool(todo)
+
+
+def _finish_interrupted_save(directory: Path, must_remove_journal: bool = False):
+    """Complete a save_pretrained of `directory` that was interrupted after its commit, so that
+    the directory holds exactly the checkpoint that save wrote; an error when it cannot be."""
+    steps = _read_journal(directory)
+    if steps is None:
+        return
+    try:
+        _run_journal(directory, steps)
+    except OSError as e:
+        raise ValueError(f"checkpoint {str(directory)!r} holds an interrupted save_pretrained "
+                         f"that must be completed before the checkpoint is read or replaced, and "
+                         f"completing it failed ({type(e).__name__}: {e}); load it once with "
+                         f"write access to the directory") from e
+    try:
+        os.unlink(directory / _JOURNAL)
+    except FileNotFoundError:
+        pass
+    except OSError:                       # every step is done: a leftover journal is harmless
+        if must_remove_journal:
+            raise
+
+
+def _sync_directory(directory: Path):
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(directory, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_synced(path: Path, write: Callable):
+    write(path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _journal_is(file: Path, steps: list) -> bool:
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))["steps"] == steps
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _write_checkpoint(directory: Path, files: dict):
+    """Write {name: writer(path)} into directory atomically, in place of the earlier checkpoint's
+    weight files (_stale_weight_files; other files are never touched). Every file is written
+    under a temporary name and synced. The commit: a journal of the renames into place and the
+    removals still to do (_journal_steps), written the same way and renamed into place. Then
+    the steps are done and the journal removed. A failure before the commit removes the
+    temporary files and leaves the earlier checkpoint as it was; after it, the journal stays,
+    and the next from_pretrained or save_pretrained of the directory completes it (each step
+    done at most once, whatever interrupted it) before anything else."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ValueError(f"directory {str(directory)!r} cannot be created: {e}") from e
+    _finish_interrupted_save(directory, must_remove_journal=True)
+    stale = _stale_weight_files(directory)
+    temps = {name: directory / f".{name}.{os.getpid()}.tmp" for name in files}
+    steps = _journal_steps(list(files), stale, temps)
+    journal, journal_temp = directory / _JOURNAL, directory / f"{_JOURNAL}.{os.getpid()}.tmp"
     try:
         for name, write in files.items():
-            tmp = directory / f".{name}.{os.getpid()}.tmp"
-            temps[name] = tmp
-            write(tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        for name in sorted(temps, key=lambda n: n == "config.json"):   # the config last
-            os.replace(temps[name], directory / name)
-        if hasattr(os, "O_DIRECTORY"):
-            fd = os.open(directory, os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                tmp.unlink()
-    for name in stale - set(files):
-        file = directory / name
-        if not os.path.isabs(name) and file.resolve().parent == directory.resolve() and \
-                file.is_file():
-            file.unlink()
+            _write_synced(temps[name], write)
+        _write_synced(journal_temp, _json_writer({"steps": steps}))
+        _sync_directory(directory)
+        os.replace(journal_temp, journal)                                 # the commit
+    except BaseException:
+        if not _journal_is(journal, steps):      # not committed: the earlier checkpoint stays
+            for tmp in [*temps.values(), journal_temp]:
+                try:
+                    tmp.unlink()
+                except OSError:
+                    pass
+        raise
+    try:
+        _sync_directory(directory)
+        _run_journal(directory, steps)
+        try:
+            os.unlink(journal)
+        except FileNotFoundError:          # a reader completed the journal meanwhile
+            pass
+    except BaseException as e:
+        if hasattr(e, "add_note"):
+            e.add_note(f"save_pretrained was interrupted after its commit: the next "
+                       f"from_pretrained or save_pretrained of {str(directory)!r} completes it")
+        raise
 
 
 # =================================================================================== 12. generation
@@ -3388,11 +3591,18 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
         raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
+        if do_sample and generator.device.type != model.device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {model.device}: "
+                             f"make it with torch.Generator(device=...) on the model's device")
 
     cache = model.allocate_inference_cache(b, max_seqlen=l + max_new_tokens)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
     logits = model(input_ids, cache=cache, seq_idx=seq_idx, num_last_tokens=1)[:, -1, :vocab]
+    if streamer is not None:                       # the prompt was accepted: it is shown
+        streamer.put(input_ids.cpu())
     seen = None
     if repetition_penalty != 1.0:   # (b, V): tokens present so far, the prompt's padding excluded
         present = input_ids < vocab if attention_mask is None else mask & (input_ids < vocab)
@@ -3513,6 +3723,8 @@ def _generate_from_command_line(args):
     except ValueError as e:                      # "top_p must be ..." -> "--top-p must be ..."
         name, rest = str(e).split(" ", 1)
         raise _UserError(f"--{name.replace('_', '-')} {rest}") from None
+    if not -2**63 <= args.seed < 2**64:
+        raise _UserError(f"--seed must fit in 64 bits, got {args.seed}")
     if not args.prompt:
         raise _UserError("the prompt is empty")
     try:
@@ -3536,6 +3748,10 @@ def _generate_from_command_line(args):
     input_ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     if input_ids.shape[1] == 0:
         raise _UserError("the prompt has no tokens")
+    if int(input_ids.max()) >= model.config.vocab_size:
+        raise _UserError(f"the tokenizer of {args.model} gives ids up to {int(input_ids.max())}, "
+                         f"beyond the model's vocab_size {model.config.vocab_size}: they do not "
+                         f"belong together")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     start = time.perf_counter()
     out = model.generate(input_ids, do_sample=args.temperature > 0, generator=generator,

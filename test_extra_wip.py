@@ -70,3 +70,49 @@ def test_packed_input_fed_through_a_cache_in_pieces_equals_the_whole(attn, cuts)
     for c in cache:                                     # reset forgets the segment
         c.reset()
         assert c.seq_id is None
+
+
+def test_the_functional_scan_refuses_growing_decays():
+    """ssd and ssd_step need A <= 0 and dt >= 0 (exp(dt A) <= 1); A_log passed for A is the slip."""
+    g = torch.Generator().manual_seed(0)
+    x, B, C = (torch.randn(1, 6, 2, 4, generator=g) for _ in range(3))
+    B, C = B[..., :1, :], C[..., :1, :]
+    dt, A = torch.rand(1, 6, 2, generator=g), -torch.rand(2, generator=g)
+    mamba2.ssd(x, dt, A, B, C, chunk_size=4)
+    with pytest.raises(ValueError, match=r"A must be <= 0.*A_log"):
+        mamba2.ssd(x, dt, -A, B, C, chunk_size=4)
+    with pytest.raises(ValueError, match="dt must be >= 0"):
+        mamba2.ssd(x, -dt, A, B, C, chunk_size=4)
+    state = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="A must be <= 0"):
+        mamba2.ssd_step(x[:, 0], dt[:, 0], -A, B[:, 0], C[:, 0], state)
+    assert not state.any()
+
+
+def test_more_mistakes_are_named_errors():
+    block = mamba2.Mamba2(mamba2.Mamba2Config(d_model=8, d_state=4, headdim=4))
+    u = torch.randn(1, 5, 8)
+    with pytest.raises(TypeError, match="return_final_states must be a bool"):
+        block(u, return_final_states="yes")
+    with pytest.raises(TypeError, match=r"initial_states has dtype torch.float64.*float32"):
+        block(u, initial_states=torch.zeros(1, 4, 4, 4, dtype=torch.float64))
+    y, S = block(u, return_final_states=True)       # a final state goes back in as it came out
+    torch.testing.assert_close(block(u, initial_states=S), block(u, initial_states=S.clone()))
+    with pytest.raises(ValueError, match="x must have no empty dimension"):
+        mamba2.causal_conv1d(torch.randn(1, 0, 6), torch.randn(6, 4))
+    model = mamba2.Mamba2LMHeadModel(mamba2.Mamba2Config(d_model=8, n_layer=1, vocab_size=16,
+                                                         d_state=4, headdim=4))
+    ids = torch.ones(1, 3, dtype=torch.long)
+    for gen, err, match in (("gen", TypeError, "generator must be a torch.Generator"),):
+        with pytest.raises(err, match=match):
+            model.generate(ids, max_new_tokens=2, do_sample=True, generator=gen)
+
+
+def test_the_command_line_reports_a_huge_seed():
+    import subprocess
+    import sys
+    from pathlib import Path
+    run = subprocess.run([sys.executable, "mamba2.py", "x", "--seed", "9" * 25],
+                         cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("error: --seed must fit in 64 bits")
+    assert "Traceback" not in run.stderr
