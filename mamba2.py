@@ -3546,6 +3546,39 @@ class _StaticDecode:
         return self.logits
 
 
+def _check_generate_call(model, input_ids, attention_mask, eos_token_id, pad_token_id, streamer,
+                         generator, do_sample: bool, cuda_graph):
+    """generate's other arguments, checked before anything runs: (eos ids, pad id, the attention
+    mask as bools or None)."""
+    _check_tensor("input_ids", input_ids, (None, None), device=model.device,
+                  dtypes=(torch.int64, torch.int32))
+    vocab = model.config.vocab_size
+    eos = _token_ids("eos_token_id", eos_token_id, vocab)
+    if pad_token_id is not None:
+        pad = _token_ids("pad_token_id", pad_token_id, vocab, single=True)[0]
+    else:
+        pad = eos[0] if eos else 0                       # transformers' default: the first eos
+    if streamer is not None and not all(callable(getattr(streamer, m, None))
+                                        for m in ("put", "end")):
+        raise TypeError(f"streamer must have put() and end() methods (as transformers' streamers), "
+                        f"got {type(streamer).__name__}")
+    mask = None
+    if attention_mask is not None:
+        mask = _check_attention_mask(attention_mask, input_ids, left_only=True)
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if cuda_graph and model.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
+        if do_sample and generator.device.type != model.device.type:
+            raise ValueError(f"generator is on {generator.device}, the model on {model.device}: "
+                             f"make it with torch.Generator(device=...) on the model's device")
+    return eos, pad, mask
+
+
 def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: int = 20,
              attention_mask: Optional[torch.Tensor] = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -3567,37 +3600,13 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     range by construction; with eos_token_id set, one check per step asks whether every row has
     finished.
     """
-    _check_tensor("input_ids", input_ids, (None, None), device=model.device,
-                  dtypes=(torch.int64, torch.int32))
     _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
+    do_sample = do_sample and temperature > 0
+    eos, pad, mask = _check_generate_call(model, input_ids, attention_mask, eos_token_id,
+                                          pad_token_id, streamer, generator, do_sample, cuda_graph)
     b, l = input_ids.shape
     vocab = model.config.vocab_size
-    eos = _token_ids("eos_token_id", eos_token_id, vocab)
-    if pad_token_id is not None:
-        pad = _token_ids("pad_token_id", pad_token_id, vocab, single=True)[0]
-    else:
-        pad = eos[0] if eos else 0                       # transformers' default: the first eos
-    if streamer is not None and not all(callable(getattr(streamer, m, None))
-                                        for m in ("put", "end")):
-        raise TypeError(f"streamer must have put() and end() methods (as transformers' streamers), "
-                        f"got {type(streamer).__name__}")
-    seq_idx = None
-    if attention_mask is not None:
-        mask = _check_attention_mask(attention_mask, input_ids, left_only=True)
-        if not mask.all():
-            seq_idx = mask.int()                        # pads: segment 0, the prompt: segment 1
-    do_sample = do_sample and temperature > 0
-    if not isinstance(cuda_graph, bool):
-        raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
-    if cuda_graph and model.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got "
-                            f"{type(generator).__name__}")
-        if do_sample and generator.device.type != model.device.type:
-            raise ValueError(f"generator is on {generator.device}, the model on {model.device}: "
-                             f"make it with torch.Generator(device=...) on the model's device")
+    seq_idx = None if mask is None or mask.all() else mask.int()   # pads: segment 0, prompt: 1
 
     cache = model.allocate_inference_cache(b, max_seqlen=l + max_new_tokens)
     logits = model(input_ids, cache=cache, seq_idx=seq_idx, num_last_tokens=1)[:, -1, :vocab]
@@ -3605,7 +3614,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
         streamer.put(input_ids.cpu())
     seen = None
     if repetition_penalty != 1.0:   # (b, V): tokens present so far, the prompt's padding excluded
-        present = input_ids < vocab if attention_mask is None else mask & (input_ids < vocab)
+        present = input_ids < vocab if mask is None else mask & (input_ids < vocab)
         rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, l)
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=input_ids.device)
         seen[rows[present], input_ids[present]] = True
