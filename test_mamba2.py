@@ -1,11 +1,43 @@
-"""The test suite of mamba2.py. Every test compares against an oracle or checks a property that could fail.
+"""The test suite of mamba2.py. Every test compares against an oracle or checks a property that
+could fail; no test touches the network, and timings are never asserted.
 
-Oracles: transformers' pure-PyTorch Mamba2Mixer / Mamba2ForCausalLM on the same weights; a token-by-token
-recurrence written here from the paper; the same tokens chunked vs stepped vs in pieces through the cache;
-packed vs separate sequences; float64 gradcheck; single-process vs 2-process distributed training.
-No test touches the network. Timings are never asserted.
+Oracles (sections 1-2, at the top, independent of mamba2.py's internals: they read a module's
+config and parameters only):
+  - `recurrence`: the SSM token by token, in float64, from the paper; differentiable, so autograd
+    through it checks the scan's hand-written backward;
+  - `reference_block`: the whole Mamba-2 block from its definition on top of `recurrence`, for
+    every block option (differentiable in its input, for second derivatives);
+  - `mha_reference`: the attention layer of hybrid models query by query, on `rotary_reference`;
+  - `group_rmsnorm` and `causal_conv_reference`, the parts both of them use;
+  - transformers' pure-PyTorch Mamba2Mixer / Mamba2ForCausalLM on the same weights (the mixer
+    also in float64, its internal float32 casts redirected), and its logits processors;
+  - the same tokens chunked vs stepped vs in pieces through the cache; packed vs separate
+    sequences; float64 gradcheck; single-process vs 2-process distributed training.
 
-Sections: the block; robustness; the language model; the shipped model, scripts and notebook.
+Sections (top to bottom):
+     1. helpers                     tensors, errors, segment layouts, modules, caches, strategies
+     2. oracles                     recurrence, conv, norm, block, rotary, attention, transformers
+     3. the scan                    ssd vs the recurrence, properties, chunk size, final state,
+                                    gradients, linear memory, a million tokens
+     4. convolution and norm
+     5. the block vs oracles        transformers' mixer, the reference block, chunk size,
+                                    gradcheck, the fused function
+     6. the cache                   pieces, steps, reset, grad mode, truncated backpropagation
+     7. packing                     seq_idx, cu_seqlens, learned initial states
+     8. hostile values              non-finite inputs, fp16 overflow, extreme decay
+     9. higher-order gradients      second derivatives, Hessian-vector products, explicit states
+    10. memory-efficient path, long inputs, low precision
+    11. config and initialisation
+    12. input validation            the named-error tables; failing calls leave caches untouched
+    13. checkpoints                 transformers and mamba_ssm formats, round trips, errors,
+                                    atomic saves, confinement, pickle safety
+    14. the language model          forward, the fused loss, cache, packing
+    15. generation                  padding, sampling, eos, streaming, host syncs, static decode
+    16. hybrid models               attention layers, their cache, checkpoints
+    17. backbone and classifier
+    18. command line
+    19. shipped model, scripts, notebook, benchmark, README
+    20. distributed training        DDP, FSDP2
 """
 
 from __future__ import annotations
@@ -13,10 +45,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
 import pickle
+import re
 import shlex
 import socket
 import subprocess
@@ -24,6 +59,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,70 +68,102 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import mamba2
-from mamba2 import (InferenceCache, Mamba2, Mamba2Config, Mamba2ForSequenceClassification, Mamba2LMHeadModel,
-                    Mamba2Model, RMSNormGated, mamba_split_conv1d_scan_combined, rms_norm_gated, ssd, ssd_step)
+from mamba2 import (InferenceCache, Mamba2, Mamba2Config, Mamba2ForSequenceClassification,
+                    Mamba2LMHeadModel, Mamba2Model, RMSNormGated, causal_conv1d,
+                    causal_conv1d_step, mamba_split_conv1d_scan_combined, rms_norm_gated, ssd,
+                    ssd_step)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")        # no test touches the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-
-
-# ====================================================================================================
-# THE BLOCK: transformers oracle, recurrence oracle, cache, packing, gradients, memory, config
-# ====================================================================================================
+try:
+    from transformers import Mamba2Config as HFMamba2Config
+    from transformers.models.mamba2 import modeling_mamba2 as hf_mamba2
+    from transformers.utils import logging as hf_logging
+except Exception:  # pragma: no cover - transformers is in requirements.txt
+    hf_mamba2 = None
 
 F64 = torch.float64
+REPO = Path(__file__).resolve().parent
+OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "PYTHONPATH": str(REPO)}
+PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-# ============================================================================================ helpers
+# =========================================================================================
+# ==== 1. helpers
+# =========================================================================================
 
-def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (both promoted to float64)."""
+# ------------------------------------------------------------------ tensors and error measures
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, seed=0, dtype=F64, scale=1.0) -> torch.Tensor:
+    """Standard normal draws, made in float64 and then cast (the same values in every dtype)."""
+    return torch.randn(*shape, generator=gen(seed), dtype=F64).mul(scale).to(dtype)
+
+
+def uniform(*shape, lo, hi, seed=0, dtype=F64) -> torch.Tensor:
+    return (torch.rand(*shape, generator=gen(seed), dtype=F64) * (hi - lo) + lo).to(dtype)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, both promoted to float64."""
     actual, expected = actual.detach().to(F64), expected.detach().to(F64)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    scale = expected.abs().max().item()
-    return (actual - expected).abs().max().item() / max(scale, 1e-300)
+    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-300)
+
+
+def norm_rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| (Frobenius), in float64."""
+    actual, expected = actual.detach().to(F64), expected.detach().to(F64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def assert_rel(actual, expected, tol, what=""):
-    err = max_rel_err(actual, expected)
+    """rel_err(actual, expected) <= tol."""
+    err = rel_err(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
 
 
-def randomize_(block: Mamba2, seed: int = 0) -> Mamba2:
-    """Move every parameter away from its special initial value (D = 1, norm weight = 1, zero biases...)
-    so that a wrong use of any of them shows up in the output."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(t, scale):
-        return (torch.randn(t.shape, generator=g, dtype=F64) * scale).to(t.dtype)
-
-    with torch.no_grad():
-        block.D.copy_(1 + rnd(block.D, 0.5))
-        block.dt_bias.add_(rnd(block.dt_bias, 0.3))
-        block.A_log.add_(rnd(block.A_log, 0.3))
-        block.conv1d.weight.copy_(rnd(block.conv1d.weight, 0.5))
-        if block.conv1d.bias is not None:
-            block.conv1d.bias.copy_(rnd(block.conv1d.bias, 0.3))
-        if block.config.rmsnorm:
-            block.norm.weight.copy_(1 + rnd(block.norm.weight, 0.3))
-        for lin in (block.in_proj, block.out_proj):
-            if lin.bias is not None:
-                lin.bias.copy_(rnd(lin.bias, 0.3))
-        if block.config.learnable_init_states:
-            block.init_states.copy_(rnd(block.init_states, 0.5))
-    return block
+def assert_norm_rel(actual, expected, tol, what=""):
+    """norm_rel(actual, expected) <= tol."""
+    err = norm_rel(actual, expected)
+    assert err <= tol, f"{what}: norm-relative error {err:.3e} > {tol:.1e}"
 
 
-def make_block(dtype=F64, seed=0, **cfg) -> Mamba2:
-    defaults = dict(d_model=8, d_state=3, headdim=4, chunk_size=4)
-    torch.manual_seed(seed)
-    block = Mamba2(Mamba2Config(**{**defaults, **cfg}), dtype=dtype)
-    return randomize_(block, seed)
+def assert_close(actual, expected, atol, rtol=0.0, what=""):
+    """|actual - expected| <= atol + rtol |expected| elementwise (torch.testing.assert_close),
+    same shape, dtypes free."""
+    expected = expected.to(actual.dtype) if isinstance(expected, torch.Tensor) else expected
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def rand(*shape, seed=0, dtype=F64, scale=1.0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * scale
+# ------------------------------------------------------------------------------ segment layouts
+
+def seq_idx_from_lengths(lengths, first=0, gaps=1) -> torch.Tensor:
+    """Segment lengths -> non-decreasing segment ids (1-D, int64): the first segment has id `first`
+    and the id grows by `gaps` (an int, or one int >= 1 per later segment) at each new segment."""
+    ids, cur = [], first
+    for i, n in enumerate(lengths):
+        if i:
+            cur += gaps if isinstance(gaps, int) else gaps[i - 1]
+        ids += [cur] * n
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def packed_rows(*rows, **kw) -> torch.Tensor:
+    """seq_idx (len(rows), l) of one list of segment lengths per row."""
+    return torch.stack([seq_idx_from_lengths(lengths, **kw) for lengths in rows])
+
+
+def lengths_from_cuts(l: int, cuts) -> list:
+    points = [0] + sorted(cuts) + [l]
+    return [b - a for a, b in zip(points[:-1], points[1:])]
 
 
 def segment_bounds(row_ids):
@@ -109,222 +177,114 @@ def segment_bounds(row_ids):
     return bounds
 
 
-def reference_block(block: Mamba2, u: torch.Tensor, initial_states=None):
-    """The Mamba-2 block token by token, straight from the paper (no chunks, no fused ops):
-
-        xBC_t = silu(bias + sum_k w_k * xBC_in_{t-(w-1-k)})            causal depthwise conv
-        dt_t  = clamp(softplus(dt_raw_t + dt_bias), dt_limit)
-        h_t   = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T                    per head, B/C shared per group
-        y_t   = h_t C_t + D x_t
-        out   = out_proj([silu(z0) x0, gated_grouped_rmsnorm(y, z)])
-
-    Returns (out (b, l, d_model), final state (b, h, p, n))."""
-    cfg = block.config
-    b, l, _ = u.shape
-    h, p, n, g, w = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.d_conv
-    d_ssm, d_mlp, conv_dim = cfg.d_ssm, cfg.d_inner - cfg.d_ssm, cfg.conv_dim
-    W = lambda t: t.detach()  # noqa: E731
-
-    zxbcdt = u @ W(block.in_proj.weight).T
-    if block.in_proj.bias is not None:
-        zxbcdt = zxbcdt + W(block.in_proj.bias)
-    z0, x0, z, xBC_in, dt_raw = zxbcdt.split([d_mlp, d_mlp, d_ssm, conv_dim, h], dim=-1)
-
-    conv_w = W(block.conv1d.weight)[:, 0, :]                             # (conv_dim, w)
-    xBC = torch.zeros_like(xBC_in)
-    for t in range(l):
-        acc = torch.zeros(b, conv_dim, dtype=u.dtype)
-        if block.conv1d.bias is not None:
-            acc = acc + W(block.conv1d.bias)
-        for k in range(w):
-            s = t - (w - 1 - k)
-            if s >= 0:
-                acc = acc + conv_w[:, k] * xBC_in[:, s]
-        xBC[:, t] = acc
-    xBC = F.silu(xBC)
-    x = xBC[..., :d_ssm].reshape(b, l, h, p)
-    B = xBC[..., d_ssm:d_ssm + g * n].reshape(b, l, g, n)
-    C = xBC[..., d_ssm + g * n:].reshape(b, l, g, n)
-
-    dt = F.softplus(dt_raw + W(block.dt_bias)).clamp(min=cfg.dt_limit[0], max=cfg.dt_limit[1])
-    A = -torch.exp(W(block.A_log))
-    Dm = W(block.D).reshape(h, p) if cfg.D_has_hdim else W(block.D)[:, None].expand(h, p)
-
-    if initial_states is not None:
-        state = initial_states.detach().clone()
-    elif cfg.learnable_init_states:
-        state = W(block.init_states).expand(b, h, p, n).clone()
+@contextlib.contextmanager
+def span_len(n):
+    """Temporarily process long inputs on the CPU in spans of n tokens (None: in one pass); the
+    module setting is always restored."""
+    old = dict(mamba2.SPAN_LEN)
+    if n is None:
+        mamba2.SPAN_LEN.clear()
     else:
-        state = torch.zeros(b, h, p, n, dtype=u.dtype)
-    y = torch.zeros(b, l, h, p, dtype=u.dtype)
-    for t in range(l):
-        new = torch.empty_like(state)
-        for head in range(h):
-            grp = head // (h // g)
-            decay = torch.exp(dt[:, t, head] * A[head])[:, None, None]                       # (b, 1, 1)
-            inp = dt[:, t, head, None, None] * x[:, t, head, :, None] * B[:, t, grp, None, :]  # (b, p, n)
-            new[:, head] = decay * state[:, head] + inp
-            y[:, t, head] = (new[:, head] @ C[:, t, grp, :, None])[..., 0] + Dm[head] * x[:, t, head]
-        state = new
-    y = y.reshape(b, l, d_ssm)
+        mamba2.SPAN_LEN["cpu"] = n
+    try:
+        yield
+    finally:
+        mamba2.SPAN_LEN.clear()
+        mamba2.SPAN_LEN.update(old)
 
-    if cfg.rmsnorm:
-        gs = d_ssm // g
-        weight, parts = W(block.norm.weight), []
-        for k in range(g):
-            sl = slice(k * gs, (k + 1) * gs)
-            yk, gate = y[..., sl], F.silu(z[..., sl])
-            if not cfg.norm_before_gate:
-                yk = yk * gate
-            yk = yk / torch.sqrt(yk.pow(2).mean(-1, keepdim=True) + 1e-5) * weight[sl]
-            if cfg.norm_before_gate:
-                yk = yk * gate
-            parts.append(yk)
-        y = torch.cat(parts, dim=-1)
-    else:
-        y = y * F.silu(z)
-    if d_mlp:
-        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-    out = y @ W(block.out_proj.weight).T
-    if block.out_proj.bias is not None:
-        out = out + W(block.out_proj.bias)
-    return out, state
+
+CPU_SPAN = mamba2.SPAN_LEN.get("cpu", 256)     # tokens per processing span of a long CPU input
+
+
+# ---------------------------------------------------------------------------------- modules
+
+def _spread_dt_bias(h: int, g: torch.Generator) -> torch.Tensor:
+    """dt_bias (h,) = softplus⁻¹(dt) with log dt spread over [log 1e-3, 0]: one draw from the middle
+    half of each of h equal strata, in random order (float64)."""
+    lo, hi = math.log(1e-3), 0.0
+    strata = (torch.arange(h, dtype=F64) + 0.25 + 0.5 * torch.rand(h, generator=g, dtype=F64)) / h
+    dt = torch.exp(lo + (hi - lo) * strata[torch.randperm(h, generator=g)])
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+@torch.no_grad()
+def randomize(module: torch.nn.Module, seed: int = 0, emb_std: float = 0.3) -> torch.nn.Module:
+    """Move every parameter of a block, an attention layer or a language model (ours or
+    transformers') away from its special initial value, so that a wrong use of any of them shows
+    in the output: D and the norm weights near 1 but not 1, dt_bias spread (step sizes from 1e-3
+    to 1 whatever the initial draws), A_log shifted, conv taps and biases and linear biases
+    random, init_states random, embeddings and lm_head N(0, emb_std) (logits of order 1)."""
+    g = gen(seed)
+    for name, prm in module.named_parameters():          # a tied lm_head comes once, as embedding
+        def rnd(scale):
+            return (torch.randn(prm.shape, generator=g, dtype=F64) * scale).to(prm.dtype)
+        parts = name.split(".")
+        last, owner = parts[-1], (parts[-2] if len(parts) > 1 else "")
+        if last == "D" or (last == "weight" and owner.startswith("norm")):
+            prm.copy_(1 + rnd(0.4))
+        elif last == "dt_bias":
+            prm.copy_(_spread_dt_bias(prm.numel(), g).to(prm.dtype))
+        elif last == "A_log":
+            prm.add_(rnd(0.3))
+        elif last == "init_states":
+            prm.copy_(rnd(0.5))
+        elif owner == "conv1d":
+            prm.copy_(rnd(0.4))
+        elif last == "bias":
+            prm.copy_(rnd(0.3))
+        elif owner in ("embedding", "embeddings", "lm_head"):
+            prm.copy_(rnd(emb_std))
+    return module
+
+
+BLOCK_DEFAULTS = dict(d_model=8, d_state=3, headdim=4, chunk_size=4)   # 4 heads, chunks of 4
+
+
+def make_block(seed=0, dtype=F64, **cfg) -> Mamba2:
+    """A randomized block; by default tiny (BLOCK_DEFAULTS), so that short inputs cross chunks."""
+    torch.manual_seed(seed)
+    return randomize(Mamba2(Mamba2Config(**{**BLOCK_DEFAULTS, **cfg}), dtype=dtype), seed)
+
+
+LM_VOCAB = 100
+LM_DEFAULTS = dict(d_model=32, n_layer=2, d_state=8, headdim=8, expand=2, d_conv=4, chunk_size=16,
+                   vocab_size=LM_VOCAB, pad_vocab_size_multiple=16)   # 8 heads, vocab 100 -> 112
+SMALL_LM = dict(d_model=16, d_state=4, headdim=8, chunk_size=4, vocab_size=37,
+                pad_vocab_size_multiple=8)                            # 4 heads, vocab 37 -> 40
+
+
+def lm_config(**kw) -> Mamba2Config:
+    return Mamba2Config(**{**LM_DEFAULTS, **kw})
+
+
+def lm_model(seed=0, dtype=F64, emb_std=0.3, cls=Mamba2LMHeadModel, **kw):
+    """A randomized language model (or `cls` of the same config) of lm_config(**kw), in eval
+    mode."""
+    torch.manual_seed(seed)
+    return randomize(cls(lm_config(**kw), dtype=dtype), seed, emb_std=emb_std).eval()
+
+
+def lm_ids(b, l, seed=0, high=LM_VOCAB):
+    return torch.randint(0, high, (b, l), generator=gen(seed))
+
+
+ATTN_CFG = dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=4, causal=True, d_conv=3, mlp_dim=16)
+HYBRID = dict(d_model=32, n_layer=3, d_state=4, headdim=8, chunk_size=4, vocab_size=50,
+              pad_vocab_size_multiple=8, attn_layer_idx=[1])           # attention at layer 1
+
+
+def hybrid_model(seed=0, dtype=F64, attn=None, **kw) -> Mamba2LMHeadModel:
+    """A randomized hybrid model: Mamba-2 layers 0 and 2, an attention layer (ATTN_CFG) at 1."""
+    return lm_model(seed, dtype, **{**HYBRID, "attn_cfg": {**ATTN_CFG, **(attn or {})}, **kw})
 
 
 def xbc_tail(block: Mamba2, u: torch.Tensor) -> torch.Tensor:
-    """What the conv cache must hold after u: the last d_conv *pre-convolution* xBC inputs, (b, conv_dim, w)."""
+    """What the conv cache must hold after u: the last d_conv *pre-convolution* xBC inputs,
+    (b, conv_dim, w)."""
     cfg = block.config
-    d_mlp = cfg.d_inner - cfg.d_ssm
-    start = 2 * d_mlp + cfg.d_ssm
+    start = 2 * (cfg.d_inner - cfg.d_ssm) + cfg.d_ssm
     xbc = block.in_proj(u)[..., start:start + cfg.conv_dim]
     return xbc[:, -cfg.d_conv:].transpose(1, 2)
-
-
-# ================================================================= 1. transformers Mamba2Mixer oracle
-
-try:
-    from transformers import Mamba2Config as HFMamba2Config
-    from transformers.models.mamba2 import modeling_mamba2 as hf_mamba2
-    from transformers.utils import logging as hf_logging
-except Exception:  # pragma: no cover - transformers is in requirements.txt
-    hf_mamba2 = None
-
-
-class _TorchFloat32IsFloat64(types.ModuleType):
-    """Stand-in for `torch` inside transformers' modeling_mamba2 whose `float32` is float64."""
-    float32 = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def hf_oracle_in_float64(monkeypatch):
-    """transformers' pure-PyTorch path casts to float32 internally (`.float()` in the scan, `.to(torch.float32)`
-    in its gated norm) whatever the input dtype, which caps a float64 comparison at ~1e-7. Redirect those
-    casts to float64 so the reference runs entirely in double precision."""
-    with monkeypatch.context() as mp:
-        to_float = torch.Tensor.float
-        mp.setattr(hf_mamba2, "torch", _TorchFloat32IsFloat64("torch"))
-        mp.setattr(torch.Tensor, "float",
-                   lambda self, *a, **k: self.to(F64) if self.is_floating_point() else to_float(self, *a, **k))
-        yield
-
-
-@pytest.fixture
-def quiet_transformers():
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()   # its "falling back to the reference PyTorch implementation" notices
-    yield
-    hf_logging.set_verbosity(verbosity)
-
-
-@pytest.mark.skipif(hf_mamba2 is None, reason="transformers not installed")
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (F64, 1e-10)], ids=["f32", "f64"])
-@pytest.mark.parametrize("ngroups", [1, 2])
-@pytest.mark.parametrize("seqlen", [1, 7, 16, 13], ids=lambda l: f"l{l}")
-def test_matches_transformers_mixer(seqlen, ngroups, dtype, tol, quiet_transformers, monkeypatch):
-    d_model, heads, headdim, d_state, chunk = 16, 8, 4, 5, 8     # 16 is a chunk multiple, 13 is not
-    hf_config = HFMamba2Config(hidden_size=d_model, num_heads=heads, head_dim=headdim, n_groups=ngroups,
-                               state_size=d_state, expand=2, conv_kernel=4, chunk_size=chunk,
-                               num_hidden_layers=1, layer_norm_epsilon=1e-5, vocab_size=32)
-    torch.manual_seed(1 + ngroups)
-    mixer = hf_mamba2.Mamba2Mixer(hf_config, layer_idx=0).eval()
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(7)
-        mixer.D.copy_(1 + 0.5 * torch.randn(heads, generator=g))
-        mixer.norm.weight.add_(0.3 * torch.randn(mixer.norm.weight.shape, generator=g))
-        mixer.dt_bias.add_(0.3 * torch.randn(heads, generator=g))
-        mixer.A_log.add_(0.3 * torch.randn(heads, generator=g))
-    ours = Mamba2(Mamba2Config(d_model=d_model, d_state=d_state, headdim=headdim, ngroups=ngroups, chunk_size=chunk))
-    assert set(ours.state_dict()) == set(mixer.state_dict())
-    ours.load_state_dict(mixer.state_dict())
-    mixer.to(dtype)
-    ours.to(dtype).eval()
-    u = rand(3, seqlen, d_model, seed=seqlen, dtype=dtype)
-    with torch.no_grad():
-        if dtype == F64:
-            with hf_oracle_in_float64(monkeypatch):
-                expected = mixer(u)
-        else:
-            expected = mixer(u)
-        got = ours(u)
-    assert expected.dtype == got.dtype == dtype
-    assert_rel(got, expected, tol, "block vs transformers Mamba2Mixer")
-
-
-# ========================================================== 2. token-by-token recurrence oracle
-
-RECURRENCE_CONFIGS = {
-    "base": dict(),
-    "ngroups2": dict(ngroups=2),
-    "ngroups4": dict(ngroups=4),
-    "D_has_hdim": dict(D_has_hdim=True),
-    "d_ssm<d_inner": dict(d_ssm=8),
-    "d_ssm<d_inner,ngroups2": dict(d_ssm=8, ngroups=2),
-    "norm_before_gate": dict(norm_before_gate=True, ngroups=2),
-    "no_rmsnorm": dict(rmsnorm=False),
-    "dt_limit": dict(dt_limit=(0.03, 0.08)),
-    "bias,no_conv_bias": dict(bias=True, conv_bias=False),
-    "d_conv3": dict(d_conv=3),
-    "d_conv2": dict(d_conv=2),
-    "learnable_init_states": dict(learnable_init_states=True),
-    "everything": dict(d_ssm=8, ngroups=2, D_has_hdim=True, norm_before_gate=True, bias=True, d_conv=3,
-                       dt_limit=(0.0, 0.06), learnable_init_states=True),
-}
-
-
-@pytest.mark.parametrize("cfg", list(RECURRENCE_CONFIGS.values()), ids=list(RECURRENCE_CONFIGS))
-def test_matches_recurrence(cfg):
-    block = make_block(**cfg)
-    c = block.config
-    b, l = 2, 11                                    # 11 tokens: two full chunks of 4 and a partial one
-    u = rand(l, b, c.d_model, seed=3).transpose(0, 1)   # a non-contiguous input, for good measure
-    if c.dt_limit != (0.0, float("inf")):           # the clamp must actually bite for this case to mean anything
-        with torch.no_grad():                       # dt from ~0.002 to ~0.7 across the heads
-            block.dt_bias.copy_(torch.linspace(-6, 0, c.nheads, dtype=F64))
-        raw = F.softplus(block.in_proj(u)[..., -c.nheads:] + block.dt_bias)
-        assert (raw > c.dt_limit[1]).any() and (c.dt_limit[0] == 0 or (raw < c.dt_limit[0]).any())
-    h0 = rand(b, c.nheads, c.headdim, c.d_state, seed=4)
-    with torch.no_grad():
-        for init in (None, h0):
-            expected, expected_state = reference_block(block, u, init)
-            got, state = block(u, initial_states=init, return_final_states=True)
-            assert state.shape == (b, c.nheads, c.headdim, c.d_state)
-            assert_rel(got, expected, 1e-12, f"output, initial_states={init is not None}")
-            assert_rel(state, expected_state, 1e-12, f"final state, initial_states={init is not None}")
-
-
-# ================================================================================ 3. cache consistency
-
-CACHE_CONFIGS = {
-    "base": dict(),
-    "D_has_hdim": dict(D_has_hdim=True),              # official issue #887: step path with D of shape (d_ssm,)
-    "ngroups2": dict(ngroups=2),
-    "ngroups2,d_ssm<d_inner": dict(ngroups=2, d_ssm=8, norm_before_gate=True),
-    "d_conv2,bias": dict(d_conv=2, bias=True, conv_bias=False),
-    "dt_limit,no_rmsnorm": dict(dt_limit=(0.02, 0.07), rmsnorm=False),
-}
 
 
 def run_in_pieces(block, u, sizes, cache):
@@ -336,141 +296,12 @@ def run_in_pieces(block, u, sizes, cache):
     return torch.cat(outs, dim=1)
 
 
-@pytest.mark.parametrize("cfg", list(CACHE_CONFIGS.values()), ids=list(CACHE_CONFIGS))
-def test_cache_pieces_and_steps_match_whole(cfg):
-    block = make_block(**cfg)
-    c = block.config
-    b, l = 2, 23
-    u = rand(b, l, c.d_model, seed=5)
+def packed_vs_alone(block, u, seq_idx=None, cu_seqlens=None, initial_states=None, tol=1e-12):
+    """Check a packed call against each segment run on its own (initial_states belong to the
+    first segment of a row; the final state is the last segment's); returns nothing, asserts."""
     with torch.no_grad():
-        whole, whole_state = block(u, return_final_states=True)
-        expected_conv = xbc_tail(block, u)
-        for sizes in ([l], [1, 3, 5, 1, 6, 7], [9, 1, 1, 12], [1] * l):   # chunk size 4: pieces cross chunks
-            cache = InferenceCache.alloc(b, c, dtype=F64)
-            got = run_in_pieces(block, u, sizes, cache)
-            assert_rel(got, whole, 1e-12, f"output in pieces {sizes}")
-            assert_rel(cache.ssm_state, whole_state, 1e-12, f"cache.ssm_state after pieces {sizes}")
-            # the last d_conv pre-conv inputs (in_proj of a piece may round differently from the whole: 1 ulp)
-            assert_rel(cache.conv_state, expected_conv, 1e-14, f"cache.conv_state after pieces {sizes}")
-
-
-def test_multi_token_forward_continues_from_stepped_cache():
-    """Official issue #641: a chunked multi-token call must start from the state a step-by-step prefill left."""
-    block = make_block(ngroups=2)
-    u = rand(2, 27, 8, seed=6)
-    with torch.no_grad():
-        whole = block(u)
-        cache = InferenceCache.alloc(2, block.config, dtype=F64)
-        got = run_in_pieces(block, u, [1] * 10 + [17], cache)
-    assert_rel(got, whole, 1e-12, "10 steps then 17 tokens at once")
-
-
-@pytest.mark.parametrize("learnable", [False, True], ids=["alloc", "learnable_init_states"])
-def test_cache_reset_gives_identical_rerun(learnable):
-    """reset() must bring a cache back to where it started: zeros for InferenceCache.alloc, the learned
-    init_states for a cache from allocate_inference_cache of a block with learnable_init_states."""
-    block = make_block(learnable_init_states=learnable)
-    u = rand(2, 9, 8, seed=7)
-    cache = block.allocate_inference_cache(2) if learnable else InferenceCache.alloc(2, block.config, dtype=F64)
-    with torch.no_grad():
-        first = run_in_pieces(block, u, [4, 1, 4], cache)
-        first_states = cache.conv_state.clone(), cache.ssm_state.clone()
-        assert cache.reset() is cache
-        assert not cache.conv_state.any()
-        second = run_in_pieces(block, u, [4, 1, 4], cache)
-        fresh = run_in_pieces(block, u, [4, 1, 4], block.allocate_inference_cache(2))
-    assert torch.equal(first, fresh)
-    assert torch.equal(first, second), "re-run after reset() differs from the first run"
-    assert torch.equal(cache.conv_state, first_states[0]) and torch.equal(cache.ssm_state, first_states[1])
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_conv_step_equals_convolution_and_updates_in_place(bias):
-    """causal_conv1d_step (the window form used when decoding) gives, token after token, what causal_conv1d gives
-    for the whole input, and the same final window; it works in place at inference and leaves the state alone
-    when autograd records. The oneDNN path (no segments) and the masked shift-and-add path (one segment) agree."""
-    b, d, w, l = 2, 6, 4, 9
-    x, weight = rand(b, l, d, seed=40), rand(d, 1, w, seed=41)
-    bias_t = rand(d, seed=42) if bias else None
-    state0 = rand(b, d, w, seed=43)
-    ref, ref_state = mamba2.causal_conv1d(x, weight, bias_t, None, state0)
-    one_segment = mamba2.causal_conv1d(x, weight, bias_t, torch.zeros(b, l, dtype=torch.int32), state0)
-    assert_rel(one_segment[0], ref, 1e-14, "masked path with one segment vs oneDNN path")
-    assert torch.equal(one_segment[1], ref_state)
-    state, outs = state0.clone(), []
-    with torch.no_grad():
-        for t in range(l):
-            y, new_state = mamba2.causal_conv1d_step(x[:, t], weight, bias_t, state)
-            assert new_state is state                     # updated in place, no allocation of a new state
-            outs.append(y)
-    assert_rel(torch.stack(outs, 1), ref, 1e-14, "stepped vs whole")
-    assert torch.equal(state, ref_state)
-    xt = x[:, 0].clone().requires_grad_()
-    state = state0.clone()
-    y, new_state = mamba2.causal_conv1d_step(xt, weight, bias_t, state)
-    assert new_state is not state and torch.equal(state, state0)   # autograd keeps the window it started from
-    y.sum().backward()
-    assert_rel(xt.grad, weight[:, 0, -1].expand(b, d), 1e-15, "dy/dx is the last tap")
-
-
-def test_cache_long_prefill_then_steps():
-    """A cached prompt longer than one CPU processing block (SPAN_LEN), then single-token steps."""
-    block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16, ngroups=2)
-    l = mamba2.SPAN_LEN.get("cpu", 256) + 40
-    u = rand(2, l, 4, seed=47)
-    with torch.no_grad():
-        whole, whole_state = block(u, return_final_states=True)
-        cache = InferenceCache.alloc(2, block.config, dtype=F64)
-        got = run_in_pieces(block, u, [l - 5] + [1] * 5, cache)
-    assert_rel(got, whole, 1e-12, "long cached prefill + steps")
-    assert_rel(cache.ssm_state, whole_state, 1e-12, "ssm_state")
-    assert_rel(cache.conv_state, xbc_tail(block, u), 1e-14, "conv_state")
-
-
-@pytest.mark.parametrize("sizes", [[3, 5], [3, 1, 1, 3], [1] * 8], ids=["chunks", "mixed", "steps"])
-def test_cached_forward_with_grad_enabled(sizes):
-    """Decoding with a cache outside torch.no_grad() (grad mode is the default) must give the same outputs."""
-    block = make_block(ngroups=2)
-    u = rand(2, 8, 8, seed=48)
-    with torch.no_grad():
-        whole = block(u)
-    cache = InferenceCache.alloc(2, block.config, dtype=F64)
-    got = run_in_pieces(block, u, sizes, cache)
-    assert_rel(got, whole, 1e-12, f"grad-mode cached pieces {sizes}")
-
-
-def test_cached_outputs_can_be_backpropagated():
-    """The outputs of successful cached calls made in grad mode must be differentiable without autograd errors
-    (a later call must not invalidate the graph of an earlier one)."""
-    block = make_block(ngroups=2)
-    u = rand(2, 8, 8, seed=48)
-    cache = InferenceCache.alloc(2, block.config, dtype=F64)
-    got = run_in_pieces(block, u, [3, 5], cache)
-    got.square().sum().backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
-
-
-def test_returned_final_state_is_not_overwritten_by_later_calls():
-    """return_final_states with a cache returns the state after the call; a later call on the same cache must
-    not change a state returned earlier, whether the earlier call had several tokens or one (step path)."""
-    block = make_block()
-    u = rand(2, 6, 8, seed=49)
-    with torch.no_grad():
-        for first in (3, 1):
-            cache = InferenceCache.alloc(2, block.config, dtype=F64)
-            _, state = block(u[:, :first], cache=cache, return_final_states=True)
-            kept = state.clone()
-            block(u[:, first:first + 1], cache=cache)
-            assert torch.equal(state, kept), f"state returned by a {first}-token call was overwritten"
-
-
-# ======================================================================================= 4. packing
-
-def packed_vs_alone(block, u, seq_idx=None, cu_seqlens=None, initial_states=None):
-    """Check a packed call against each segment run on its own; returns nothing, asserts."""
-    with torch.no_grad():
-        got, state = block(u, seq_idx=seq_idx, cu_seqlens=cu_seqlens, initial_states=initial_states,
-                           return_final_states=True)
+        got, state = block(u, seq_idx=seq_idx, cu_seqlens=cu_seqlens,
+                           initial_states=initial_states, return_final_states=True)
         if cu_seqlens is not None:
             cu = cu_seqlens.tolist()
             rows = [[(s, e) for s, e in zip(cu[:-1], cu[1:]) if e > s]]
@@ -479,271 +310,86 @@ def packed_vs_alone(block, u, seq_idx=None, cu_seqlens=None, initial_states=None
         for r, bounds in enumerate(rows):
             for i, (s, e) in enumerate(bounds):
                 init = None if (initial_states is None or i > 0) else initial_states[r:r + 1]
-                alone, alone_state = block(u[r:r + 1, s:e], initial_states=init, return_final_states=True)
-                assert_rel(got[r:r + 1, s:e], alone, 1e-12, f"row {r} segment {s}:{e}")
-            assert_rel(state[r:r + 1], alone_state, 1e-12, f"row {r} final state vs last segment alone")
+                alone, alone_state = block(u[r:r + 1, s:e], initial_states=init,
+                                           return_final_states=True)
+                assert_rel(got[r:r + 1, s:e], alone, tol, f"row {r} segment {s}:{e}")
+            assert_rel(state[r:r + 1], alone_state, tol,
+                       f"row {r} final state vs last segment alone")
 
 
-def ids_from_lengths(lengths, first=0, step=1):
-    return [first + step * i for i, n in enumerate(lengths) for _ in range(n)]
-
-
-def test_seq_idx_matches_sequences_alone():
-    block = make_block(ngroups=2)                 # d_conv 4, chunk 4
-    # row 0: segments shorter than d_conv, a length-1 segment, one crossing two chunk boundaries;
-    # row 1: different layout and non-consecutive ids starting above 0.
-    row0 = ids_from_lengths([2, 1, 9, 1, 6])
-    row1 = ids_from_lengths([5, 3, 1, 1, 9], first=3, step=2)
-    seq_idx = torch.tensor([row0, row1], dtype=torch.int32)
-    u = rand(2, 19, 8, seed=9)
-    packed_vs_alone(block, u, seq_idx=seq_idx)
-    packed_vs_alone(block, u, seq_idx=seq_idx, initial_states=rand(2, 4, 4, 3, seed=10))
-
-
-def test_cu_seqlens_matches_sequences_alone():
-    block = make_block(d_conv=3, D_has_hdim=True)
-    cu = torch.tensor([0, 3, 4, 15, 17, 21])
-    u = rand(1, 21, 8, seed=11)
-    packed_vs_alone(block, u, cu_seqlens=cu)
-    packed_vs_alone(block, u, cu_seqlens=cu, initial_states=rand(1, 4, 4, 3, seed=12))
-    with torch.no_grad():   # cu_seqlens is just another spelling of seq_idx
-        by_ids = block(u, seq_idx=torch.tensor([ids_from_lengths([3, 1, 11, 2, 4])]))
-        assert torch.equal(block(u, cu_seqlens=cu), by_ids)
-
-
-def test_cache_pieces_with_seq_idx_match_packed_whole():
-    """A packed batch fed through a cache in pieces equals the packed whole. No piece starts a segment (the
-    cache, like initial_states, continues the first segment of a piece), but pieces start right after a
-    segment change, so the conv window handed over must not carry inputs of the earlier segment."""
-    block = make_block(ngroups=2)
-    seq_idx = torch.tensor([ids_from_lengths([5, 2, 5, 7]), ids_from_lengths([1, 9, 2, 7])])
-    u = rand(2, 19, 8, seed=46)
+def used_cache(module, b, seed):
+    """A cache of a block or a model in a non-trivial state (after 5 tokens)."""
+    cache = module.allocate_inference_cache(b)
     with torch.no_grad():
-        whole, whole_state = block(u, seq_idx=seq_idx, return_final_states=True)
-        whole_cache = InferenceCache.alloc(2, block.config, dtype=F64)
-        block(u, seq_idx=seq_idx, cache=whole_cache)
-        cache, outs, start = InferenceCache.alloc(2, block.config, dtype=F64), [], 0
-        for size in (3, 3, 2, 3, 4, 4):
-            outs.append(block(u[:, start:start + size], seq_idx=seq_idx[:, start:start + size], cache=cache))
-            start += size
-    assert_rel(torch.cat(outs, dim=1), whole, 1e-12, "packed output in cached pieces")
-    assert_rel(cache.ssm_state, whole_state, 1e-12, "ssm_state")
-    assert_rel(whole_cache.ssm_state, whole_state, 1e-12, "ssm_state of one cached call")
-    assert_rel(cache.conv_state, whole_cache.conv_state, 1e-14, "conv_state")
-    # only the last segment's inputs survive in the conv window (row 1 ends with a 7-token segment: all 4)
-    assert_rel(whole_cache.conv_state, xbc_tail(block, u), 1e-14, "conv_state of a packed call")
+        if isinstance(module, Mamba2):
+            dtype = module.in_proj.weight.dtype
+            module(randn(b, 5, module.config.d_model, seed=seed, dtype=dtype), cache=cache)
+        else:
+            module(torch.randint(0, 30, (b, 5), generator=gen(seed)), cache=cache)
+    return cache
 
 
-def test_seq_idx_across_long_input_blocks(monkeypatch):
-    """On CPU a long input runs in blocks of SPAN_LEN tokens: segments that start exactly at a block
-    boundary or cross one must still be isolated, and the result must not depend on the block length."""
-    block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16)
-    block_len = mamba2.SPAN_LEN.get("cpu", 256)
-    l = block_len + 44
-    row0 = ids_from_lengths([100, block_len - 100, 44])            # a segment starts exactly at the boundary
-    row1 = ids_from_lengths([block_len - 6, 10, 40])               # a segment crosses it
-    row2 = ids_from_lengths([block_len - 5, 3, 46])    # a 3-token segment ends 2 tokens before it: the conv
-    #                                                     window handed across spans three segments
-    seq_idx = torch.tensor([row0, row1, row2])
-    u = rand(3, l, 4, seed=13)
-    packed_vs_alone(block, u, seq_idx=seq_idx, initial_states=rand(3, 4, 2, 2, seed=14))
-    with torch.no_grad():
-        default = block(u, seq_idx=seq_idx, return_final_states=True)
-        plain = block(u, return_final_states=True)
-        monkeypatch.setattr(mamba2, "SPAN_LEN", {})          # one pass over the whole sequence
-        single = block(u, seq_idx=seq_idx, return_final_states=True)
-        single_plain = block(u, return_final_states=True)
-    for a, b_, what in ((default, single, "seq_idx"), (plain, single_plain, "no seq_idx")):
-        assert_rel(a[0], b_[0], 1e-12, f"output, blocked vs single pass, {what}")
-        assert_rel(a[1], b_[1], 1e-12, f"final state, blocked vs single pass, {what}")
+def cache_snapshot(cache):
+    caches = cache if isinstance(cache, (list, tuple)) else [cache]
+    return [(c.conv_state.clone(), c.ssm_state.clone()) for c in caches]
 
 
-_PACK_BLOCKS = {}
+def assert_cache_unchanged(cache, snapshot):
+    caches = cache if isinstance(cache, (list, tuple)) else [cache]
+    assert len(caches) == len(snapshot)
+    for i, (c, (conv, ssm)) in enumerate(zip(caches, snapshot)):
+        assert torch.equal(c.conv_state, conv), f"layer {i}: conv_state changed by a failing call"
+        assert torch.equal(c.ssm_state, ssm), f"layer {i}: ssm_state changed by a failing call"
 
 
-@settings(max_examples=15, deadline=None)
-@given(data=st.data())
-def test_packing_random_layouts(data):
-    chunk = data.draw(st.sampled_from([1, 3, 4, 8]), label="chunk_size")
-    if chunk not in _PACK_BLOCKS:
-        _PACK_BLOCKS[chunk] = make_block(ngroups=2, chunk_size=chunk, seed=15)
-    total = data.draw(st.integers(1, 20), label="length")
-    rows = []
-    for _ in range(2):
-        cuts = sorted(data.draw(st.sets(st.integers(1, total - 1), max_size=5)) if total > 1 else [])
-        steps = data.draw(st.lists(st.integers(1, 3), min_size=len(cuts), max_size=len(cuts)))
-        ids, seg = [], 0
-        for t in range(total):
-            if t in cuts:
-                seg += steps[cuts.index(t)]
-            ids.append(seg)
-        rows.append(ids)
-    with_init = data.draw(st.booleans(), label="initial_states")
-    init = rand(2, 4, 4, 3, seed=total) if with_init else None
-    packed_vs_alone(_PACK_BLOCKS[chunk], rand(2, total, 8, seed=16), seq_idx=torch.tensor(rows), initial_states=init)
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for gloo process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-# ================================================================ 5. final state -> initial state
+def plant(u, row, t, channel, value):
+    """A copy of u with u[row, t, channel] = value."""
+    v = u.clone()
+    v[row, t, channel] = value
+    return v
+
 
 def scan_inputs(b=2, l=22, h=4, p=3, g=2, n=5, seed=0, requires_grad=False):
-    gen = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    """(x, dt, A, B, C, D, h0) for ssd, float64."""
+    g_ = gen(seed)
+
+    def r(*s):
+        return torch.randn(*s, generator=g_, dtype=F64)
+
     x = r(b, l, h, p)
     dt = F.softplus(r(b, l, h) - 1)
     A = -torch.exp(r(h) * 0.5)
     B, C = r(b, l, g, n), r(b, l, g, n)
     D = r(h)
     h0 = r(b, h, p, n)
-    out = [x, dt, A, B, C, D, h0]
-    return [t.requires_grad_(requires_grad) for t in out]
+    return [t.requires_grad_(requires_grad) for t in (x, dt, A, B, C, D, h0)]
 
 
-def scan_reference(x, dt, A, B, C, D=None, initial_states=None, seq_idx=None):
-    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t, state reset where seq_idx changes."""
-    b, l, h, p = x.shape
-    g = B.shape[2]
-    hg = torch.arange(h) // (h // g)
-    state = torch.zeros(b, h, p, B.shape[-1], dtype=x.dtype) if initial_states is None else initial_states
-    ys = []
-    for t in range(l):
-        if seq_idx is not None and t > 0:
-            state = state * (seq_idx[:, t] == seq_idx[:, t - 1]).to(x.dtype)[:, None, None, None]
-        decay = torch.exp(dt[:, t] * A)[..., None, None]
-        state = decay * state + (dt[:, t, :, None, None] * x[:, t, :, :, None]) * B[:, t, hg, None, :]
-        y = (state @ C[:, t, hg, :, None])[..., 0]
-        if D is not None:
-            y = y + (D[:, None] if D.dim() == 1 else D) * x[:, t]
-        ys.append(y)
-    return torch.stack(ys, dim=1), state
+SCAN_SEQ_IDX = packed_rows([5, 1, 16], [12, 10])     # segments of the two rows of scan_inputs()
 
 
-def test_ssd_matches_recurrence_with_segments():
-    x, dt, A, B, C, D, h0 = scan_inputs()
-    seq_idx = torch.tensor([ids_from_lengths([5, 1, 16]), ids_from_lengths([12, 10])])
-    for kwargs in (dict(), dict(D=D, initial_states=h0), dict(D=D, initial_states=h0, seq_idx=seq_idx),
-                   dict(D=rand(4, 3, seed=1))):
-        y, s = ssd(x, dt, A, B, C, 4, return_final_states=True, **kwargs)
-        y_ref, s_ref = scan_reference(x, dt, A, B, C, **kwargs)
-        assert_rel(y, y_ref, 1e-12, f"ssd output {sorted(kwargs)}")
-        assert_rel(s, s_ref, 1e-12, f"ssd final state {sorted(kwargs)}")
+class TensorSizes(TorchDispatchMode):
+    """Records the largest and the total number of elements of the tensors every aten op
+    returns."""
 
+    def __init__(self):
+        super().__init__()
+        self.largest = self.total = 0
 
-@pytest.mark.parametrize("split", [1, 4, 9, 21])
-def test_ssd_final_state_continues_as_initial_state(split):
-    x, dt, A, B, C, D, h0 = scan_inputs()
-    whole, whole_state = ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, return_final_states=True)
-    first, mid = ssd(x[:, :split], dt[:, :split], A, B[:, :split], C[:, :split], 4, D=D, initial_states=h0,
-                     return_final_states=True)
-    second, end = ssd(x[:, split:], dt[:, split:], A, B[:, split:], C[:, split:], 4, D=D, initial_states=mid,
-                      return_final_states=True)
-    assert_rel(torch.cat([first, second], dim=1), whole, 1e-12, "output of two halves")
-    assert_rel(end, whole_state, 1e-12, "final state of two halves")
-
-
-def test_block_halves_need_conv_history_which_cache_carries():
-    block = make_block()
-    u = rand(2, 14, 8, seed=17)
-    with torch.no_grad():
-        whole = block(u)
-        first, mid = block(u[:, :6], return_final_states=True)
-        # initial_states carries the SSM state only: the conv window of the second half starts empty,
-        # so its first tokens differ from the whole-sequence run.
-        second_no_conv = block(u[:, 6:], initial_states=mid)
-        assert max_rel_err(second_no_conv[:, :1], whole[:, 6:7]) > 1e-3
-        # A cache carries both the conv window and the SSM state.
-        cache = InferenceCache.alloc(2, block.config, dtype=F64)
-        block(u[:, :6], cache=cache)
-        assert torch.allclose(cache.ssm_state, mid, rtol=1e-12, atol=1e-14)
-        second = block(u[:, 6:], cache=cache)
-    assert_rel(torch.cat([first, second], dim=1), whole, 1e-12, "two halves through a cache")
-
-
-# ====================================================================================== 6. gradients
-
-def test_ssd_gradcheck_with_seq_idx_and_initial_states():
-    x, dt, A, B, C, D, h0 = scan_inputs(b=2, l=10, h=2, p=2, g=2, n=3, seed=18, requires_grad=True)
-    seq_idx = torch.tensor([ids_from_lengths([3, 5, 2]), ids_from_lengths([1, 9])])
-
-    def f(x, dt, A, B, C, D, h0):
-        return ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
-
-    assert torch.autograd.gradcheck(f, (x, dt, A, B, C, D, h0), eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
-@pytest.mark.parametrize("case", ["plain", "D_h0", "segments", "D_hdim_segments"])
-def test_ssd_adjoint_equals_autograd_through_recurrence(case, chunk):
-    """The scan's hand-written backward (_ssd_backward) against autograd through the token-by-token recurrence:
-    gradients of every input, for the output and the final state together, float64."""
-    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
-    seq_idx = torch.tensor([ids_from_lengths([5, 1, 16]), ids_from_lengths([12, 10])])
-    kwargs = {"plain": dict(), "D_h0": dict(D=D, initial_states=h0),
-              "segments": dict(D=D, initial_states=h0, seq_idx=seq_idx),
-              "D_hdim_segments": dict(D=rand(4, 3, seed=1).requires_grad_(), seq_idx=seq_idx)}[case]
-    leaves = [x, dt, A, B, C] + [v for k, v in kwargs.items() if k != "seq_idx"]
-    gy, gs = rand(2, 22, 4, 3, seed=2), rand(2, 4, 3, 5, seed=3)
-    grads = []
-    for scan in (lambda: ssd(x, dt, A, B, C, chunk, return_final_states=True, **kwargs),
-                 lambda: scan_reference(x, dt, A, B, C, **kwargs)):
-        y, s = scan()
-        grads.append(torch.autograd.grad((y * gy).sum() + (s * gs).sum(), leaves))
-    for name, got, want in zip(["x", "dt", "A", "B", "C"] + [k for k in kwargs if k != "seq_idx"], *grads):
-        assert_rel(got, want, 1e-11, f"d/d{name}")
-
-
-def test_ssd_backward_without_final_state_or_output_gradient():
-    """Only y, or only the final state, reaches the loss: the missing gradient is taken as zero."""
-    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
-    for use in ("y", "state"):
-        grads = []
-        for scan in (lambda: ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, return_final_states=True),
-                     lambda: scan_reference(x, dt, A, B, C, D=D, initial_states=h0)):
-            y, s = scan()
-            grads.append(torch.autograd.grad((y if use == "y" else s).square().sum(), [x, dt, A, B, C, D, h0],
-                                             allow_unused=True))
-        for got, want in zip(*grads):
-            if want is None:
-                assert got is None or not got.any()
-            else:
-                assert_rel(got, want, 1e-11, f"gradient through {use} only")
-
-
-def test_block_gradcheck():
-    block = make_block(d_model=4, d_state=2, headdim=2, ngroups=2, d_conv=3, seed=19)   # mem-eff path
-    names = ["dt_bias", "A_log", "D", "norm.weight", "conv1d.bias"]
-    params = {k: v.detach().clone().requires_grad_() for k, v in block.named_parameters() if k in names}
-    u = rand(1, 6, 4, seed=20).requires_grad_()
-    h0 = rand(1, 4, 2, 2, seed=21).requires_grad_()
-    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1]])
-
-    def f(u, h0, *values):
-        return torch.func.functional_call(block, dict(zip(params, values)), (u,),
-                                          dict(seq_idx=seq_idx, initial_states=h0))
-
-    assert torch.autograd.gradcheck(f, (u, h0, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-# ============================================================================ 7. memory-efficient path
-
-def test_mem_eff_path_same_outputs_and_gradients():
-    cfg = dict(ngroups=2, d_ssm=8, learnable_init_states=True, bias=True)
-    plain, eff = make_block(use_mem_eff_path=False, **cfg), make_block(use_mem_eff_path=True, **cfg)
-    eff.load_state_dict(plain.state_dict())
-    l = mamba2.SPAN_LEN.get("cpu", 256) + 20        # long enough to run in more than one block on CPU
-    u = rand(2, l, 8, seed=22)
-    seq_idx = torch.tensor([ids_from_lengths([l - 30, 30]), ids_from_lengths([10, l - 10])])
-    results = []
-    for block in (plain, eff):
-        x = u.clone().requires_grad_()
-        y, state = block(x, seq_idx=seq_idx, return_final_states=True)
-        (y * rand(*y.shape, seed=23)).sum().add(state.square().sum()).backward()
-        results.append((y, state, x.grad, {k: p.grad for k, p in block.named_parameters()}))
-    (y0, s0, gx0, g0), (y1, s1, gx1, g1) = results
-    assert torch.equal(y0, y1) and torch.equal(s0, s1)
-    assert torch.equal(gx0, gx1)
-    assert set(g0) == set(g1)
-    for name in g0:
-        assert g0[name] is not None and torch.equal(g0[name], g1[name]), name
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+                self.total += t.numel()
+        return out
 
 
 def saved_bytes(block, u):
@@ -759,112 +405,205 @@ def saved_bytes(block, u):
     return sum(storages.values())
 
 
-def test_mem_eff_path_saves_memory():
-    # Measured with l=2048, d_model=16, d_state=16, headdim=8 (torch 2.13, CPU): the plain path saves ~3.2 MB
-    # (the in_proj output, conv output, scan inputs and chunk states, norm inputs...), the memory-efficient path
-    # ~0.14 MB: only each sequence block's input u and the weights (ratio 0.044, and 0.995x the minimum below).
-    # Two bounds with margin: under 60% of the plain path (the issue's requirement) and at most 1.1x what the
-    # checkpointed path fundamentally needs (u and the parameters; the in_proj output is recomputed too).
-    cfg = dict(d_model=16, d_state=16, headdim=8, chunk_size=64)
-    plain = make_block(dtype=torch.float32, use_mem_eff_path=False, **cfg)
-    eff = make_block(dtype=torch.float32, use_mem_eff_path=True, **cfg)
-    u = rand(1, 2048, 16, seed=24, dtype=torch.float32).requires_grad_()
-    plain_bytes, eff_bytes = saved_bytes(plain, u), saved_bytes(eff, u)
-    needed = (u.numel() + sum(p.numel() for p in eff.parameters())) * 4
-    assert eff_bytes < 0.6 * plain_bytes, (eff_bytes, plain_bytes)
-    assert eff_bytes <= 1.1 * needed, (eff_bytes, needed)
+# ------------------------------------------------------------------------ language-model files
+
+def official_keys(n_layer: int, d_intermediate: int) -> set:
+    """The state-dict names of mamba_ssm's MambaLMHeadModel with Mamba2 mixers (written out by
+    hand)."""
+    keys = {"backbone.embedding.weight", "backbone.norm_f.weight", "lm_head.weight"}
+    for i in range(n_layer):
+        pre = f"backbone.layers.{i}."
+        keys |= {pre + k for k in ("norm.weight", "mixer.in_proj.weight", "mixer.conv1d.weight",
+                                   "mixer.conv1d.bias", "mixer.dt_bias", "mixer.A_log",
+                                   "mixer.D", "mixer.norm.weight", "mixer.out_proj.weight")}
+        if d_intermediate > 0:
+            keys |= {pre + "norm2.weight", pre + "mlp.fc1.weight", pre + "mlp.fc2.weight"}
+    return keys
 
 
-# ============================================================================ 8. chunk size independence
-
-def test_block_chunk_size_independence():
-    base = make_block(ngroups=2, chunk_size=64, seed=25)
-    for l in (1, 5, 13, 67):
-        u = rand(2, l, 8, seed=l)
-        h0 = rand(2, 4, 4, 3, seed=l + 1)
-        with torch.no_grad():
-            ref = base(u, initial_states=h0, return_final_states=True)
-            for chunk in (1, 3, 8):
-                block = Mamba2(dataclasses.replace(base.config, chunk_size=chunk), dtype=F64)
-                block.load_state_dict(base.state_dict())
-                got = block(u, initial_states=h0, return_final_states=True)
-                assert_rel(got[0], ref[0], 1e-12, f"output, l={l}, chunk {chunk} vs 64")
-                assert_rel(got[1], ref[1], 1e-12, f"final state, l={l}, chunk {chunk} vs 64")
-
-
-def test_ssd_chunk_size_independence_with_segments():
-    x, dt, A, B, C, D, h0 = scan_inputs(l=29)
-    seq_idx = torch.tensor([ids_from_lengths([1, 7, 2, 19]), ids_from_lengths([16, 13])])
-    ref = ssd(x, dt, A, B, C, 64, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
-    for chunk in (1, 3, 8, 16):
-        got = ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
-        assert_rel(got[0], ref[0], 1e-12, f"output, chunk {chunk}")
-        assert_rel(got[1], ref[1], 1e-12, f"final state, chunk {chunk}")
+def write_official(directory: Path, model: Mamba2LMHeadModel) -> dict:
+    """Write config.json + pytorch_model.bin as mamba_ssm does (lm_head stored even when tied);
+    returns the state dict written."""
+    cfg = model.config
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "d_model": cfg.d_model, "d_intermediate": cfg.d_intermediate, "n_layer": cfg.n_layer,
+        "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv,
+                    "expand": cfg.expand, "headdim": cfg.headdim, "ngroups": cfg.ngroups,
+                    "chunk_size": cfg.chunk_size},
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
+        "fused_add_norm": True, "pad_vocab_size_multiple": cfg.pad_vocab_size_multiple,
+        "tie_embeddings": cfg.tie_embeddings,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    ours = model.state_dict()
+    state = {k: ours[k].detach().clone()
+             for k in sorted(official_keys(cfg.n_layer, cfg.d_intermediate))}
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["backbone.embedding.weight"]
+    torch.save(state, directory / "pytorch_model.bin")
+    return state
 
 
-# ================================================================ 9. long sequences: stability, linear cost
+def safetensors_to_bin(directory: Path, **save_kwargs) -> dict:
+    """Replace a checkpoint's model.safetensors by a pytorch_model.bin of the same tensors."""
+    from safetensors.torch import load_file
+    state = load_file(str(directory / "model.safetensors"))
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin", **save_kwargs)
+    return state
 
-def test_long_sequence_fp32_with_extreme_decay_is_finite_and_memoryless():
-    block = make_block(dtype=torch.float32, d_model=4, d_state=4, headdim=4, chunk_size=64, seed=26)
+
+def save_and_logits(model, directory, **kw):
+    """save_pretrained(directory, **kw); returns (ids, the model's logits on them)."""
+    model.save_pretrained(directory, **kw)
+    ids = torch.randint(0, 30, (2, 7), generator=gen(9))
     with torch.no_grad():
-        block.A_log.fill_(10.0)        # A = -22026
-        block.dt_bias.fill_(10.0)      # dt ~ 10: dt*A ~ -2e5 per token, exp underflows to exactly 0
-    l, w = 2 ** 16, block.config.d_conv
-    u = rand(1, l, 4, seed=27, dtype=torch.float32)
-    with torch.no_grad():
-        y, state = block(u, return_final_states=True)
-        assert torch.isfinite(y).all() and torch.isfinite(state).all()
-        # With the state wiped at every token, y_t depends on the last d_conv inputs only: a short run over
-        # the tail reproduces the end of the long run once its conv window is full.
-        tail = block(u[:, -16:])
-    assert_rel(y[:, -16 + w - 1:], tail[:, w - 1:], 1e-5, "end of a 65536-token run vs a 16-token run")
+        return ids, model(ids)
 
 
-class _TensorSizes(TorchDispatchMode):
-    """Records the largest and the total number of elements of the tensors every aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-                self.total += t.numel()
-        return out
+def left_pad(prompts, pad_value):
+    """Prompts (1, l_i) -> left-padded ids (n, l) and attention mask."""
+    l = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), l), pad_value, dtype=torch.long)
+    mask = torch.zeros(len(prompts), l, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, l - p.shape[1]:] = p[0]
+        mask[i, l - p.shape[1]:] = 1
+    return ids, mask
 
 
-def test_ssd_memory_grows_linearly():
-    # With chunk 4, a (chunks x chunks) decay matrix over the whole sequence would hold (l/4)^2 entries per
-    # head: 65536 at l=1024 and 1048576 at l=4096, a 16x jump that dominates every linear intermediate
-    # (~8 l). Linear cost means both the largest tensor and the total created grow by ~4x.
-    sizes = {}
-    for l in (1024, 4096):
-        x, dt, A, B, C, D, h0 = scan_inputs(b=1, l=l, h=2, p=2, g=1, n=2, seed=28)
-        seq_idx = torch.tensor([ids_from_lengths([l // 3, l - l // 3])])
-        with torch.no_grad(), _TensorSizes() as sizes[l]:
-            ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
-    assert sizes[4096].largest <= 4.5 * sizes[1024].largest, (sizes[1024].largest, sizes[4096].largest)
-    assert sizes[4096].total <= 4.5 * sizes[1024].total, (sizes[1024].total, sizes[4096].total)
+def first_eos_rule(tokens, eos, pad):
+    """Reference: keep tokens up to and including the first eos, pad afterwards; returns (tokens,
+    whether an eos came)."""
+    out, done = [], False
+    for t in tokens:
+        out.append(pad if done else t)
+        done = done or t in eos
+    return out, done
 
 
-def test_block_memory_grows_linearly_in_one_pass(monkeypatch):
-    monkeypatch.setattr(mamba2, "SPAN_LEN", {})     # no blocking on CPU: the scan sees the whole input
-    block = make_block(dtype=torch.float32, d_model=4, d_state=2, headdim=2, chunk_size=4, seed=29)
-    sizes = {}
-    for l in (1024, 4096):
-        u = rand(1, l, 4, seed=30, dtype=torch.float32)
-        with torch.no_grad(), _TensorSizes() as sizes[l]:
-            block(u)
-    assert sizes[4096].largest <= 4.5 * sizes[1024].largest, (sizes[1024].largest, sizes[4096].largest)
-    assert sizes[4096].total <= 4.5 * sizes[1024].total, (sizes[1024].total, sizes[4096].total)
+# ------------------------------------------------------------------------ hypothesis strategies
+
+@st.composite
+def block_configs(draw, learnable=True):
+    d_model = draw(st.sampled_from([4, 6, 8]))
+    expand = draw(st.sampled_from([1, 2]))
+    d_inner = expand * d_model
+    headdim = draw(st.sampled_from([hd for hd in (1, 2, 3, 4, 6, 8) if d_inner % hd == 0]))
+    most = d_inner // headdim
+    nheads = draw(st.integers(1, most - 1)) if most > 1 and draw(st.integers(0, 3)) == 0 else most
+    ngroups = draw(st.sampled_from([k for k in range(1, min(nheads, 4) + 1) if nheads % k == 0]))
+    return dict(d_model=d_model, expand=expand, headdim=headdim, d_ssm=nheads * headdim,
+                ngroups=ngroups, d_state=draw(st.integers(1, 4)), d_conv=draw(st.integers(2, 4)),
+                chunk_size=draw(st.integers(1, 16)), D_has_hdim=draw(st.booleans()),
+                norm_before_gate=draw(st.booleans()),
+                rmsnorm=draw(st.sampled_from([True, True, False])), bias=draw(st.booleans()),
+                conv_bias=draw(st.booleans()),
+                learnable_init_states=learnable and draw(st.booleans()))
 
 
-# ============================================================================================ 10. norm
+def draw_cuts(data, l: int, most: int, label: str):
+    """Up to `most` distinct cut points in (0, l), sorted."""
+    if l < 2:
+        return []
+    return sorted(data.draw(st.sets(st.integers(1, l - 1), max_size=min(l - 1, most)),
+                            label=label))
 
-def manual_group_rmsnorm(x, z, weight, ngroups, norm_before_gate, eps=1e-5):
+
+SPAN_LENS = st.sampled_from([1, 3, 7, 256])     # 256 > every drawn length: one span
+
+
+def draw_scan_case(data):
+    """Random scan inputs for the property tests: sizes, chunk length, segment layout, D (none,
+    per head, per channel) and initial state. Returns (chunk, x, dt, A, B, C, D, h0, seq_idx)."""
+    b = data.draw(st.integers(1, 2), label="b")
+    l = data.draw(st.integers(1, 40), label="l")
+    g = data.draw(st.integers(1, 2), label="g")
+    h = g * data.draw(st.integers(1, 3), label="r")
+    p, n = data.draw(st.integers(1, 4), label="p"), data.draw(st.integers(1, 5), label="n")
+    chunk = data.draw(st.integers(1, 16), label="chunk")
+    d_kind = data.draw(st.sampled_from([None, "h", "hp"]), label="D")
+    with_h0 = data.draw(st.booleans(), label="h0")
+    with_seq = data.draw(st.booleans(), label="seq_idx")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    x = randn(b, l, h, p, seed=seed)
+    dt = uniform(b, l, h, lo=0.01, hi=1.5, seed=seed + 1)          # > 0, mild to strong decay
+    A = -uniform(h, lo=0.1, hi=3.0, seed=seed + 2)                  # < 0
+    B, C = randn(b, l, g, n, seed=seed + 3), randn(b, l, g, n, seed=seed + 4)
+    D = {None: None, "h": randn(h, seed=seed + 5), "hp": randn(h, p, seed=seed + 5)}[d_kind]
+    h0 = randn(b, h, p, n, seed=seed + 6) if with_h0 else None
+    seq_idx = None
+    if with_seq:
+        rows = []
+        for _ in range(b):
+            lengths = lengths_from_cuts(l, draw_cuts(data, l, 6, "cuts"))
+            gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(lengths),
+                                      max_size=len(lengths)), label="gaps")
+            first = data.draw(st.integers(0, 2), label="first")
+            rows.append(seq_idx_from_lengths(lengths, first=first, gaps=gaps))
+        dtype = data.draw(st.sampled_from([torch.int32, torch.int64]), label="idx dtype")
+        seq_idx = torch.stack(rows).to(dtype)
+    return chunk, x, dt, A, B, C, D, h0, seq_idx
+
+
+# =========================================================================================
+# ==== 2. oracles
+# =========================================================================================
+
+def recurrence(x, dt, A, B, C, D=None, initial_states=None, seq_idx=None, segment_start=None):
+    """The SSM token by token, in float64, straight from the paper (eq. 1-2), per head:
+
+        S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_tᵀ
+        y_t = S_t C_t + D x_t
+
+    x (b, l, h, p); dt (b, l, h) > 0; A (h,) < 0; B, C (b, l, g, n), head k reading group
+    k // (h / g); D None, (h,) or (h, p); initial_states (b, h, p, n), the state before token 0
+    (it belongs to the first segment); seq_idx (b, l): where it changes, S restarts from
+    segment_start (h, p, n) (default zeros) -- selected, so nothing of an earlier segment (not even
+    a NaN) survives. Differentiable: autograd through it is the oracle of the scan's hand-written
+    backward. Returns y (b, l, h, p) and the final state."""
+    b, l, h, p = x.shape
+    g, n = B.shape[-2:]
+    x, dt, A, B, C = (t.to(F64) for t in (x, dt, A, B, C))
+    B, C = (t.repeat_interleave(h // g, dim=2) for t in (B, C))                 # (b, l, h, n)
+    if D is not None:
+        D = D.to(F64) if D.dim() == 2 else D.to(F64)[:, None]                      # (h, p)
+    fresh = x.new_zeros(h, p, n) if segment_start is None else segment_start.to(F64)
+    state = fresh.expand(b, h, p, n) if initial_states is None else initial_states.to(F64)
+    ys = []
+    for t in range(l):
+        if seq_idx is not None and t > 0:
+            same = (seq_idx[:, t] == seq_idx[:, t - 1])[:, None, None, None]
+            state = torch.where(same, state, fresh)
+        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                          # (b, h, 1, 1)
+        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        y = (state * C[:, t, :, None, :]).sum(-1)                                  # (b, h, p)
+        ys.append(y if D is None else y + D * x[:, t])
+    return torch.stack(ys, dim=1), state
+
+
+def causal_conv_reference(x, weight, bias=None, seq_idx=None):
+    """The causal depthwise convolution from its definition: x (b, l, c), weight (c, w),
+    out_t = bias + sum_k weight[:, k] x_{t-(w-1-k)}, leaving out (selecting away, not multiplying
+    by 0) the taps before the sequence start and those on another segment."""
+    b, l, c = x.shape
+    w = weight.shape[-1]
+    padded = F.pad(x, (0, 0, w - 1, 0))
+    seg = None if seq_idx is None else F.pad(seq_idx.to(torch.long), (w - 1, 0), value=-1)
+    out = torch.zeros_like(x)
+    for k in range(w):                       # the input at lag w-1-k
+        term = padded[:, k:k + l] * weight[:, k]
+        if seg is not None:
+            term = torch.where((seg[:, k:k + l] == seq_idx).unsqueeze(-1), term, 0)
+        out = out + term
+    return out if bias is None else out + bias
+
+
+def group_rmsnorm(x, z, weight, ngroups, norm_before_gate, eps=1e-5):
+    """The gated RMSNorm from its definition, one group of channels at a time: the gate silu(z)
+    before (norm_before_gate=False, official default) or after the normalisation."""
     gs = x.shape[-1] // ngroups
     out = []
     for k in range(ngroups):
@@ -880,38 +619,403 @@ def manual_group_rmsnorm(x, z, weight, ngroups, norm_before_gate, eps=1e-5):
     return torch.cat(out, dim=-1)
 
 
+def reference_block(block: Mamba2, u: torch.Tensor, initial_states=None, seq_idx=None,
+                    clamp_dt=True):
+    """The Mamba-2 block from its definition, in float64, on top of `recurrence` (no chunks, no
+    fused ops; the block's weights are read, never differentiated; u may require grad):
+
+        [z0, x0, z, xBC, dt_raw] = in_proj(u)
+        xBC_t = silu(conv(xBC)_t)                     causal depthwise conv: zero history,
+                                                      no input from another segment
+        dt_t  = clamp(softplus(dt_raw_t + dt_bias), dt_limit),  A = -exp(A_log)
+        y     = recurrence(x, dt, A, B, C, D, initial_states, seq_idx); every segment (the first
+                too unless initial_states) starts from the learned init_states, or zeros
+        out   = out_proj([silu(z0) x0, grouped gated RMSNorm of y by z (or y silu(z))])
+
+    Returns (out (b, l, d_model), final state (b, h, p, n))."""
+    cfg = block.config
+
+    def W(t):
+        return None if t is None else t.detach().to(F64)
+
+    u = u.to(F64)
+    h, p, n, g = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
+    d_mlp = cfg.d_inner - cfg.d_ssm
+    zxbcdt = F.linear(u, W(block.in_proj.weight), W(block.in_proj.bias))
+    z0, x0, z, xbc, dt_raw = zxbcdt.split([d_mlp, d_mlp, cfg.d_ssm, cfg.conv_dim, h], dim=-1)
+    xbc = F.silu(causal_conv_reference(xbc, W(block.conv1d.weight)[:, 0], W(block.conv1d.bias),
+                                       seq_idx))
+    x, B, C = xbc.split([cfg.d_ssm, g * n, g * n], dim=-1)
+    dt = F.softplus(dt_raw + W(block.dt_bias))
+    if clamp_dt:
+        dt = dt.clamp(min=cfg.dt_limit[0], max=cfg.dt_limit[1])
+    A = -torch.exp(W(block.A_log))
+    D = W(block.D).view(h, p) if cfg.D_has_hdim else W(block.D)
+    start = W(block.init_states) if cfg.learnable_init_states else None
+    y, state = recurrence(x.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)),
+                          C.unflatten(-1, (g, n)), D, W(initial_states), seq_idx, start)
+    y = y.flatten(-2)
+    if cfg.rmsnorm:
+        y = group_rmsnorm(y, z, W(block.norm.weight), g, cfg.norm_before_gate, block.norm.eps)
+    else:
+        y = y * F.silu(z)
+    if d_mlp:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    return F.linear(y, W(block.out_proj.weight), W(block.out_proj.bias)), state
+
+
+def rotary_reference(x, positions, dim, base, interleaved):
+    """Rotary embedding from its definition, one position and one channel pair at a time: pair i
+    (channels 2i, 2i+1 interleaved, else i, i + dim/2) turns by positions * base^(-2i/dim)."""
+    out = x.clone()
+    b, l, heads, d = x.shape
+    for i in range(dim // 2):
+        a, c = (2 * i, 2 * i + 1) if interleaved else (i, i + dim // 2)
+        for t in range(l):
+            for r in range(b):
+                angle = positions[r, t].item() * base ** (-2 * i / dim)
+                x0, x1 = x[r, t, :, a], x[r, t, :, c]
+                out[r, t, :, a] = x0 * math.cos(angle) - x1 * math.sin(angle)
+                out[r, t, :, c] = x0 * math.sin(angle) + x1 * math.cos(angle)
+    return out
+
+
+def mha_reference(mha, x, seq_idx=None):
+    """The attention layer from its definition: in_proj, causal depthwise conv within segments,
+    rotary at each token's position in its segment, softmax(q kᵀ scale) v query by query over
+    the keys of its segment up to itself (heads of a kv group sharing k and v), out_proj."""
+    b, l, _ = x.shape
+    h, g, dh = mha.num_heads, mha.num_heads_kv, mha.head_dim
+    seq_idx = torch.zeros(b, l, dtype=torch.long) if seq_idx is None else seq_idx
+    proj = F.linear(x, mha.in_proj.weight, mha.in_proj.bias)
+    qkv, mlp = proj[..., :mha.qkv_dim], proj[..., mha.qkv_dim:]
+    if mha.d_conv:
+        qkv = causal_conv_reference(qkv, mha.conv1d.weight[:, 0], mha.conv1d.bias, seq_idx)
+    q, k, v = qkv.split([h * dh, g * dh, g * dh], -1)
+    q, k, v = q.unflatten(-1, (h, dh)), k.unflatten(-1, (g, dh)), v.unflatten(-1, (g, dh))
+    pos = torch.zeros(b, l, dtype=torch.long)
+    for t in range(1, l):
+        pos[:, t] = torch.where(seq_idx[:, t] == seq_idx[:, t - 1], pos[:, t - 1] + 1, 0)
+    args = (mha.rotary_emb_dim, mha.rotary_emb_base, mha.rotary_emb_interleaved)
+    q, k = rotary_reference(q, pos, *args), rotary_reference(k, pos, *args)
+    out = torch.zeros(b, l, h, dh, dtype=x.dtype)
+    for r in range(b):
+        for t in range(l):
+            keys = [j for j in range(l) if seq_idx[r, j] == seq_idx[r, t] and
+                    (j <= t or not mha.causal)]
+            for head in range(h):
+                kv_head = head // (h // g)
+                scores = torch.stack([q[r, t, head] @ k[r, j, kv_head] for j in keys])
+                p = torch.softmax(scores * mha.softmax_scale, 0)
+                out[r, t, head] = sum(p[i] * v[r, j, kv_head] for i, j in enumerate(keys))
+    y = out.flatten(-2)
+    if mha.mlp_dim:
+        up, gate = mlp.chunk(2, -1)
+        y = torch.cat([y, up * F.silu(gate)], -1)
+    return F.linear(y, mha.out_proj.weight, mha.out_proj.bias)
+
+
+# ----------------------------------------------------------------------- transformers as oracle
+
+class _TorchFloat32IsFloat64(types.ModuleType):
+    """Stand-in for `torch` inside transformers' modeling_mamba2 whose `float32` is float64."""
+    float32 = torch.float64
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def hf_oracle_in_float64(monkeypatch):
+    """transformers' pure-PyTorch path casts to float32 internally (`.float()` in the scan,
+    `.to(torch.float32)` in its gated norm) whatever the input dtype, which caps a float64
+    comparison at ~1e-7. Redirect those casts to float64 so the reference runs entirely in double
+    precision."""
+    with monkeypatch.context() as mp:
+        to_float = torch.Tensor.float
+        mp.setattr(hf_mamba2, "torch", _TorchFloat32IsFloat64("torch"))
+        mp.setattr(torch.Tensor, "float",
+                   lambda self, *a, **k: self.to(F64) if self.is_floating_point()
+                   else to_float(self, *a, **k))
+        yield
+
+
+@pytest.fixture
+def quiet_transformers():
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()   # its "falling back to the reference PyTorch ..." notices
+    yield
+    hf_logging.set_verbosity(verbosity)
+
+
+def hf_lm_model(g=1, tie=False, seed=0, vocab=LM_VOCAB, hidden=64, heads=8, head_dim=16,
+                state=16, chunk=16, layers=2):
+    import transformers
+    cfg = transformers.Mamba2Config(hidden_size=hidden, num_hidden_layers=layers,
+                                    state_size=state, head_dim=head_dim, num_heads=heads,
+                                    n_groups=g, expand=2, conv_kernel=4, chunk_size=chunk,
+                                    vocab_size=vocab, tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return transformers.Mamba2ForCausalLM(cfg).eval()
+
+
+# =========================================================================================
+# ==== 3. the scan
+# =========================================================================================
+
+def test_ssd_matches_recurrence_with_segments():
+    x, dt, A, B, C, D, h0 = scan_inputs()
+    for kwargs in (dict(), dict(D=D, initial_states=h0),
+                   dict(D=D, initial_states=h0, seq_idx=SCAN_SEQ_IDX), dict(D=randn(4, 3, seed=1))):
+        y, s = ssd(x, dt, A, B, C, 4, return_final_states=True, **kwargs)
+        y_ref, s_ref = recurrence(x, dt, A, B, C, **kwargs)
+        assert_rel(y, y_ref, 2e-15, f"ssd output {sorted(kwargs)}")        # measured 2.0e-16
+        assert_rel(s, s_ref, 2e-15, f"ssd final state {sorted(kwargs)}")   # measured 1.3e-16
+
+
+@PROPERTY
+@given(data=st.data())
+def test_ssd_equals_token_recurrence(data):
+    """Chunked ssd == the recurrence, for random sizes, chunk lengths, segment layouts, D and
+    h0."""
+    chunk, x, dt, A, B, C, D, h0, seq_idx = draw_scan_case(data)
+    b, h, p, n = x.shape[0], x.shape[2], x.shape[3], B.shape[-1]
+    y, final = ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx,
+                   return_final_states=True)
+    y_ref, final_ref = recurrence(x, dt, A, B, C, D, h0, seq_idx)
+    assert y.dtype == F64 and final.shape == (b, h, p, n)
+    # measured, the largest over 300 examples: 8.5e-16 and 1.7e-15
+    assert_rel(y, y_ref, 9e-15, "output")
+    assert_rel(final, final_ref, 2e-14, "final state")
+
+
+def test_ssd_chunk_size_independence_with_segments():
+    x, dt, A, B, C, D, h0 = scan_inputs(l=29)
+    seq_idx = packed_rows([1, 7, 2, 19], [16, 13])
+    ref = ssd(x, dt, A, B, C, 64, D=D, initial_states=h0, seq_idx=seq_idx,
+              return_final_states=True)
+    for chunk in (1, 3, 8, 16):
+        got = ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx,
+                  return_final_states=True)
+        assert_rel(got[0], ref[0], 2e-14, f"output, chunk {chunk}")          # measured 1.2e-15
+        assert_rel(got[1], ref[1], 1e-14, f"final state, chunk {chunk}")     # measured 8.1e-16
+
+
+@pytest.mark.parametrize("split", [1, 4, 9, 21])
+def test_ssd_final_state_continues_as_initial_state(split):
+    x, dt, A, B, C, D, h0 = scan_inputs()
+    whole, whole_state = ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, return_final_states=True)
+    first, mid = ssd(x[:, :split], dt[:, :split], A, B[:, :split], C[:, :split], 4, D=D,
+                     initial_states=h0, return_final_states=True)
+    second, end = ssd(x[:, split:], dt[:, split:], A, B[:, split:], C[:, split:], 4, D=D,
+                      initial_states=mid, return_final_states=True)
+    assert_rel(torch.cat([first, second], dim=1), whole, 2e-15, "output of two halves")  # 1.5e-16
+    assert_rel(end, whole_state, 2e-15, "final state of two halves")    # measured 1.3e-16
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+@pytest.mark.parametrize("case", ["plain", "D_h0", "segments", "D_hdim_segments"])
+def test_ssd_adjoint_equals_autograd_through_recurrence(case, chunk):
+    """The scan's hand-written backward against autograd through the token-by-token recurrence:
+    gradients of every input, for the output and the final state together, float64."""
+    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
+    kwargs = {"plain": dict(), "D_h0": dict(D=D, initial_states=h0),
+              "segments": dict(D=D, initial_states=h0, seq_idx=SCAN_SEQ_IDX),
+              "D_hdim_segments": dict(D=randn(4, 3, seed=1).requires_grad_(),
+                                      seq_idx=SCAN_SEQ_IDX)}[case]
+    leaves = [x, dt, A, B, C] + [v for k, v in kwargs.items() if k != "seq_idx"]
+    gy, gs = randn(2, 22, 4, 3, seed=2), randn(2, 4, 3, 5, seed=3)
+    grads = []
+    for scan in (lambda: ssd(x, dt, A, B, C, chunk, return_final_states=True, **kwargs),
+                 lambda: recurrence(x, dt, A, B, C, **kwargs)):
+        y, s = scan()
+        grads.append(torch.autograd.grad((y * gy).sum() + (s * gs).sum(), leaves))
+    names = ["x", "dt", "A", "B", "C"] + [k for k in kwargs if k != "seq_idx"]
+    for name, got, want in zip(names, *grads):
+        assert_rel(got, want, 5e-14, f"d/d{name}")                  # measured 4.5e-15
+
+
+@PROPERTY
+@given(data=st.data())
+def test_ssd_gradients_equal_token_recurrence_gradients(data):
+    """The scan's hand-written backward == autograd through the recurrence, for random cases."""
+    chunk, *inputs, seq_idx = draw_scan_case(data)
+    leaves = [t.requires_grad_() for t in inputs if t is not None]
+    x, dt, A, B, C, D, h0 = inputs
+    weights = [randn(*shape, seed=7)
+               for shape in (x.shape, (x.shape[0], x.shape[2], x.shape[3], B.shape[-1]))]
+    grads = []
+    for scan in (lambda: ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx,
+                             return_final_states=True),
+                 lambda: recurrence(x, dt, A, B, C, D=D, initial_states=h0, seq_idx=seq_idx)):
+        y, final = scan()
+        grads.append(torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(),
+                                         leaves))
+    for i, (got, want) in enumerate(zip(*grads)):
+        assert_rel(got, want, 1e-12, f"gradient of input {i}")   # 9.1e-14 (over 300 examples)
+
+
+def test_ssd_backward_without_final_state_or_output_gradient():
+    """Only y, or only the final state, reaches the loss: the missing gradient is taken as zero."""
+    x, dt, A, B, C, D, h0 = scan_inputs(requires_grad=True)
+    for use in ("y", "state"):
+        grads = []
+        for scan in (lambda: ssd(x, dt, A, B, C, 4, D=D, initial_states=h0,
+                                 return_final_states=True),
+                     lambda: recurrence(x, dt, A, B, C, D=D, initial_states=h0)):
+            y, s = scan()
+            grads.append(torch.autograd.grad((y if use == "y" else s).square().sum(),
+                                             [x, dt, A, B, C, D, h0], allow_unused=True))
+        for got, want in zip(*grads):
+            if want is None:
+                assert got is None or not got.any()
+            else:
+                assert_rel(got, want, 6e-15, f"gradient through {use} only")   # 5.2e-16
+
+
+def test_ssd_gradcheck_with_seq_idx_and_initial_states():
+    x, dt, A, B, C, D, h0 = scan_inputs(b=2, l=10, h=2, p=2, g=2, n=3, seed=18,
+                                        requires_grad=True)
+    seq_idx = packed_rows([3, 5, 2], [1, 9])
+
+    def f(x, dt, A, B, C, D, h0):
+        return ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, seq_idx=seq_idx,
+                   return_final_states=True)
+
+    assert torch.autograd.gradcheck(f, (x, dt, A, B, C, D, h0), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_ssd_memory_grows_linearly():
+    # With chunk 4, a (chunks x chunks) decay matrix over the whole sequence would hold (l/4)^2
+    # entries per head: 65536 at l=1024 and 1048576 at l=4096, a 16x jump that dominates every
+    # linear intermediate (~8 l). Linear cost means both the largest tensor and the total created
+    # grow by ~4x.
+    sizes = {}
+    for l in (1024, 4096):
+        x, dt, A, B, C, D, h0 = scan_inputs(b=1, l=l, h=2, p=2, g=1, n=2, seed=28)
+        seq_idx = packed_rows([l // 3, l - l // 3])
+        with torch.no_grad(), TensorSizes() as sizes[l]:
+            ssd(x, dt, A, B, C, 4, D=D, initial_states=h0, seq_idx=seq_idx,
+                return_final_states=True)
+    assert sizes[4096].largest <= 4.5 * sizes[1024].largest, (sizes[1024].largest,
+                                                               sizes[4096].largest)
+    assert sizes[4096].total <= 4.5 * sizes[1024].total, (sizes[1024].total, sizes[4096].total)
+
+
+def test_ssd_state_bounded_over_a_million_tokens():
+    """The state carried through 1,000,000 tokens (ssd in pieces of 2^16, each continuing from the
+    previous final state) obeys the analytic bound |h| <= max|dt x B^T| / (1 - max_t exp(dt_t A))
+    per head, agrees with the float64 run, and a recurrent ssd_step continuation from it equals
+    the chunked continuation."""
+    h, p, n, piece, total = 2, 2, 2, 2 ** 16, 1_000_000
+    A32 = torch.tensor([-0.5, -0.05])
+    bounds = torch.zeros(h, dtype=F64)
+    s32, s64 = torch.zeros(1, h, p, n), torch.zeros(1, h, p, n, dtype=F64)
+    for k, start in enumerate(range(0, total, piece)):
+        m = min(piece, total - start)
+        # biased inputs: the state grows
+        x = 0.5 + uniform(1, m, h, p, lo=-1, hi=1, seed=100 + k, dtype=torch.float32)
+        B = 0.5 + uniform(1, m, 1, n, lo=-1, hi=1, seed=200 + k, dtype=torch.float32)
+        C = uniform(1, m, 1, n, lo=-1, hi=1, seed=300 + k, dtype=torch.float32)
+        dt = uniform(1, m, h, lo=1e-3, hi=1e-2, seed=400 + k, dtype=torch.float32)
+        _, s32 = ssd(x, dt, A32, B, C, 16, initial_states=s32, return_final_states=True)
+        _, s64 = ssd(x.double(), dt.double(), A32.double(), B.double(), C.double(), 16,
+                     initial_states=s64, return_final_states=True)
+        drive = (dt.double()[..., None, None] * x.double()[..., None]
+                 * B.double()[:, :, :, None, :]).abs()
+        max_decay = torch.exp(dt.double().min() * A32.double())                     # (h,)
+        bounds = torch.maximum(bounds, drive.amax(dim=(0, 1, 3, 4)) / (1 - max_decay))
+        assert torch.isfinite(s32).all()
+        assert (s32.double().abs().amax(dim=(0, 2, 3)) <= bounds * (1 + 1e-4)).all(), \
+            (k, s32, bounds)
+    assert s64.abs().max() > 1.0                                 # the state is far from trivial
+    assert_rel(s32, s64, 6e-6, "fp32 vs fp64 state after 1e6 tokens")   # no drift: 5.1e-7
+    # recurrent continuation: 200 ssd_step calls == chunked ssd from the same state
+    x = randn(1, 200, h, p, seed=7)
+    dt = uniform(1, 200, h, lo=1e-3, hi=1e-2, seed=8)
+    B, C = randn(1, 200, 1, n, seed=9), randn(1, 200, 1, n, seed=10)
+    y_chunk, s_chunk = ssd(x, dt, A32.double(), B, C, 64, initial_states=s64,
+                           return_final_states=True)
+    state = s64.clone()
+    y_step = torch.stack([ssd_step(x[:, t], dt[:, t], A32.double(), B[:, t], C[:, t], state)[0]
+                          for t in range(200)], 1)
+    assert_rel(y_step, y_chunk, 2e-14, "ssd_step outputs vs chunked")   # measured 1.4e-15
+    assert_rel(state, s_chunk, 2e-14, "ssd_step state vs chunked")      # measured 1.4e-15
+
+
+# =========================================================================================
+# ==== 4. convolution and norm
+# =========================================================================================
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_step_equals_convolution_and_updates_in_place(bias):
+    """causal_conv1d_step (the window form used when decoding) gives, token after token, what
+    causal_conv1d gives for the whole input, and the same final window; it works in place at
+    inference and leaves the state alone when autograd records. The oneDNN path (no segments) and
+    the masked shift-and-add path (one segment) agree, and both equal the definition."""
+    b, d, w, l = 2, 6, 4, 9
+    x, weight = randn(b, l, d, seed=40), randn(d, 1, w, seed=41)
+    bias_t = randn(d, seed=42) if bias else None
+    state0 = randn(b, d, w, seed=43)
+    ref, ref_state = causal_conv1d(x, weight, bias_t, None, state0)
+    # the definition, with the window state0 as the w-1 inputs before token 0 (its last w-1)
+    history = torch.cat([state0[..., 1:].transpose(1, 2), x], dim=1)
+    assert_rel(ref, causal_conv_reference(history, weight[:, 0], bias_t)[:, w - 1:], 1e-15,
+               "causal_conv1d vs its definition")
+    one_segment = causal_conv1d(x, weight, bias_t, torch.zeros(b, l, dtype=torch.int32), state0)
+    assert_rel(one_segment[0], ref, 1e-15, "masked path, one segment, vs oneDNN")  # 6.9e-17
+    assert torch.equal(one_segment[1], ref_state)
+    state, outs = state0.clone(), []
+    with torch.no_grad():
+        for t in range(l):
+            y, new_state = causal_conv1d_step(x[:, t], weight, bias_t, state)
+            assert new_state is state                 # updated in place, no new state allocated
+            outs.append(y)
+    assert_rel(torch.stack(outs, 1), ref, 1e-15, "stepped vs whole")   # measured: equal
+    assert torch.equal(state, ref_state)
+    xt = x[:, 0].clone().requires_grad_()
+    state = state0.clone()
+    y, new_state = causal_conv1d_step(xt, weight, bias_t, state)
+    assert new_state is not state and torch.equal(state, state0)   # autograd keeps its window
+    y.sum().backward()
+    assert_rel(xt.grad, weight[:, 0, -1].expand(b, d), 1e-15, "dy/dx is the last tap")
+
+
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 @pytest.mark.parametrize("gated", [True, False])
 def test_rmsnorm_gated_per_group(ngroups, norm_before_gate, gated):
     d = 12
-    norm = RMSNormGated(d, eps=1e-5, norm_before_gate=norm_before_gate, group_size=d // ngroups, dtype=F64)
+    norm = RMSNormGated(d, eps=1e-5, norm_before_gate=norm_before_gate, group_size=d // ngroups,
+                        dtype=F64)
     with torch.no_grad():
-        norm.weight.copy_(1 + rand(d, seed=31, scale=0.3))
-    x = rand(3, 5, d, seed=32)
+        norm.weight.copy_(1 + randn(d, seed=31, scale=0.3))
+    x = randn(3, 5, d, seed=32)
     x[..., :d // ngroups] *= 100.0           # very different scales per group
-    z = rand(3, 5, d, seed=33) if gated else None
-    expected = manual_group_rmsnorm(x, z, norm.weight.detach(), ngroups, norm_before_gate)
-    assert_rel(norm(x, z), expected, 1e-13, "RMSNormGated vs per-group formula")
-    assert_rel(rms_norm_gated(x, z, norm.weight, 1e-5, d // ngroups, norm_before_gate), expected, 1e-13,
-               "rms_norm_gated")
+    z = randn(3, 5, d, seed=33) if gated else None
+    expected = group_rmsnorm(x, z, norm.weight.detach(), ngroups, norm_before_gate)
+    assert_rel(norm(x, z), expected, 4e-15, "RMSNormGated vs per-group formula")  # 3.3e-16
+    assert_rel(rms_norm_gated(x, z, norm.weight, 1e-5, d // ngroups, norm_before_gate), expected,
+               4e-15, "rms_norm_gated")                                           # 3.3e-16
     if ngroups > 1:   # scaling one group must not change the others (per-group statistics)
         x2 = x.clone()
         x2[..., :d // ngroups] *= 7.0
         out1, out2 = norm(x, z), norm(x2, z)
-        assert torch.allclose(out1[..., d // ngroups:], out2[..., d // ngroups:], rtol=1e-14, atol=0)
+        assert_close(out2[..., d // ngroups:], out1[..., d // ngroups:], rtol=1e-15, atol=0,
+                     what="the other groups")                  # measured: equal
 
 
 @pytest.mark.parametrize("ngroups", [1, 2, 4])
 @pytest.mark.parametrize("norm_before_gate", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 def test_rmsnorm_gated_backward(ngroups, norm_before_gate, gated):
-    """The norm's hand-written backward: float64 gradcheck of x, z and weight, and equal to autograd through the
-    per-group formula (so the gradients that reach the block and the LM are those of the definition)."""
+    """The norm's hand-written backward: float64 gradcheck of x, z and weight, and equal to
+    autograd through the per-group formula (so the gradients that reach the block and the LM are
+    those of the definition)."""
     d = 12
-    x = rand(3, 5, d, seed=36).requires_grad_()
-    z = rand(3, 5, d, seed=37).requires_grad_() if gated else None
-    weight = (1 + rand(d, seed=38, scale=0.3)).requires_grad_()
+    x = randn(3, 5, d, seed=36).requires_grad_()
+    z = randn(3, 5, d, seed=37).requires_grad_() if gated else None
+    weight = (1 + randn(d, seed=38, scale=0.3)).requires_grad_()
     leaves = [t for t in (x, z, weight) if t is not None]
 
     def f(*args):
@@ -919,236 +1023,424 @@ def test_rmsnorm_gated_backward(ngroups, norm_before_gate, gated):
         return rms_norm_gated(x_, z_, w_, 1e-5, d // ngroups, norm_before_gate)
 
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-8, rtol=1e-6)
-    g = rand(3, 5, d, seed=39)
+    g = randn(3, 5, d, seed=39)
     got = torch.autograd.grad((f(*leaves) * g).sum(), leaves)
-    want = torch.autograd.grad((manual_group_rmsnorm(x, z, weight, ngroups, norm_before_gate) * g).sum(), leaves)
+    want = torch.autograd.grad((group_rmsnorm(x, z, weight, ngroups, norm_before_gate) * g).sum(),
+                               leaves)
     for a, b in zip(got, want):
-        assert_rel(a, b, 1e-12, "gradient vs autograd through the formula")
+        assert_rel(a, b, 7e-15, "gradient vs autograd through the formula")   # 6.2e-16
 
 
 def test_rmsnorm_without_z_is_plain_rmsnorm_and_low_precision_stats_are_fp32():
     d = 16
     norm = RMSNormGated(d, eps=1e-5)
     with torch.no_grad():
-        norm.weight.copy_(1 + rand(d, seed=34, scale=0.3, dtype=torch.float32))
-    x = rand(4, d, seed=35, dtype=torch.float32) * 3
+        norm.weight.copy_(1 + randn(d, seed=34, scale=0.3, dtype=torch.float32))
+    x = randn(4, d, seed=35, dtype=torch.float32) * 3
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.detach()
-    assert_rel(norm(x), expected, 1e-6, "plain RMSNorm")
+    assert_rel(norm(x), expected, 1e-6, "plain RMSNorm")       # measured 8.6e-8 (fp32)
     xb = x.bfloat16()
     out = RMSNormGated(d, eps=1e-5, dtype=torch.bfloat16)(xb)
     assert out.dtype == torch.bfloat16
     ref = xb.float() / torch.sqrt(xb.float().pow(2).mean(-1, keepdim=True) + 1e-5)
-    assert_rel(out, ref, 1e-2, "bf16 RMSNorm")   # only the final rounding to bf16 (~4e-3)
+    assert_rel(out, ref, 1e-2, "bf16 RMSNorm")   # only the final rounding to bf16: 3.6e-3
 
 
-def test_rmsnorm_gated_rejects_group_size_not_dividing():
-    with pytest.raises(ValueError, match="group_size"):
-        RMSNormGated(10, group_size=4)
+# =========================================================================================
+# ==== 5. the block vs oracles
+# =========================================================================================
 
-
-# =========================================================================================== 11. config
-
-def test_config_official_defaults():
-    c = Mamba2Config(d_model=768)
-    expected = dict(d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, ngroups=1, A_init_range=(1, 16),
-                    D_has_hdim=False, rmsnorm=True, norm_before_gate=False, dt_min=0.001, dt_max=0.1,
-                    dt_init_floor=1e-4, dt_limit=(0.0, float("inf")), bias=False, conv_bias=True,
-                    chunk_size=256, use_mem_eff_path=True, learnable_init_states=False)
-    assert {k: getattr(c, k) for k in expected} == expected
-    # mamba2-130m shapes
-    assert (c.d_inner, c.d_ssm, c.nheads, c.conv_dim, c.d_in_proj) == (1536, 1536, 24, 1792, 3352)
-    block = Mamba2(Mamba2Config(d_model=768, d_state=128, headdim=64, chunk_size=256), device="meta")
-    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-    assert shapes == {"in_proj.weight": (3352, 768), "conv1d.weight": (1792, 1, 4), "conv1d.bias": (1792,),
-                      "dt_bias": (24,), "A_log": (24,), "D": (24,), "norm.weight": (1536,),
-                      "out_proj.weight": (768, 1536)}
-
-
-def test_config_d_ssm_derived_sizes():
-    c = Mamba2Config(d_model=64, d_state=16, headdim=16, d_ssm=64, ngroups=2)
-    assert (c.d_inner, c.d_ssm, c.nheads, c.d_mlp) == (128, 64, 4, 64)
-    assert c.conv_dim == 64 + 2 * 2 * 16
-    assert c.d_in_proj == 2 * 128 + 2 * 2 * 16 + 4
-
-
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(d_model=10, headdim=3), "headdim"),                    # d_ssm = 20 not a multiple of 3
-    (dict(d_model=16, headdim=8, ngroups=3), "ngroups"),         # nheads = 4
-    (dict(d_model=16, headdim=8, d_ssm=64), "d_ssm"),            # d_inner = 32
-    (dict(d_model=16, headdim=8, d_ssm=0), "d_ssm"),
-    (dict(d_model=-8), "d_model"),
-    (dict(d_model=16, headdim=8, d_state=0), "d_state"),
-    (dict(d_model=16, headdim=-4), "headdim"),
-    (dict(d_model=16, headdim=8, d_conv=0), "d_conv"),
-    (dict(d_model=16, headdim=8, chunk_size=0), "chunk_size"),
-    (dict(d_model=16, headdim=8, ngroups=0), "ngroups"),
-    (dict(d_model=16, headdim=8, expand=0), "expand"),
-    (dict(d_model=16, headdim=8, dt_min=0.2, dt_max=0.1), "dt_min"),
-    (dict(d_model=16, headdim=8, dt_limit=(0.5, 0.1)), "dt_limit"),
-    (dict(d_model=16, headdim=8, A_init_range=(0, 16)), "A_init_range"),
-    (dict(d_model=16.0), "d_model"),
-])
-def test_config_rejects_impossible_combinations(kwargs, field):
-    with pytest.raises(ValueError, match=rf"\b{field}\b"):
-        Mamba2Config(**kwargs)
-
-
-def test_official_keyword_form():
-    block = Mamba2(d_model=64, d_state=16, d_conv=4, expand=2, headdim=16)
-    c = block.config
-    assert (c.d_model, c.d_state, c.d_conv, c.expand, c.headdim, c.nheads) == (64, 16, 4, 2, 16, 8)
-    twin = Mamba2(Mamba2Config(d_model=64, d_state=16, d_conv=4, expand=2, headdim=16))
-    twin.load_state_dict(block.state_dict())
-    u = rand(1, 5, 64, seed=36, dtype=torch.float32)
+@pytest.mark.skipif(hf_mamba2 is None, reason="transformers not installed")
+# measured: 2.1e-7 in float32, 4.1e-16 in float64
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 3e-6), (F64, 5e-15)], ids=["f32", "f64"])
+@pytest.mark.parametrize("ngroups", [1, 2])
+@pytest.mark.parametrize("seqlen", [1, 7, 16, 13], ids=lambda l: f"l{l}")
+def test_matches_transformers_mixer(seqlen, ngroups, dtype, tol, quiet_transformers,
+                                    monkeypatch):
+    d_model, heads, headdim, d_state, chunk = 16, 8, 4, 5, 8   # 16 is a chunk multiple, 13 not
+    hf_config = HFMamba2Config(hidden_size=d_model, num_heads=heads, head_dim=headdim,
+                               n_groups=ngroups, state_size=d_state, expand=2, conv_kernel=4,
+                               chunk_size=chunk, num_hidden_layers=1, layer_norm_epsilon=1e-5,
+                               vocab_size=32)
+    torch.manual_seed(1 + ngroups)
+    mixer = randomize(hf_mamba2.Mamba2Mixer(hf_config, layer_idx=0), seed=7).eval()
+    ours = Mamba2(Mamba2Config(d_model=d_model, d_state=d_state, headdim=headdim,
+                               ngroups=ngroups, chunk_size=chunk))
+    assert set(ours.state_dict()) == set(mixer.state_dict())
+    ours.load_state_dict(mixer.state_dict())
+    mixer.to(dtype)
+    ours.to(dtype).eval()
+    u = randn(3, seqlen, d_model, seed=seqlen, dtype=dtype)
     with torch.no_grad():
-        assert torch.equal(block(u), twin(u))
-    with pytest.raises(TypeError):
-        Mamba2(Mamba2Config(d_model=64), d_state=16)
-    assert Mamba2(64, d_state=16, headdim=16).config == c   # d_model positional, as the official signature
+        if dtype == F64:
+            with hf_oracle_in_float64(monkeypatch):
+                expected = mixer(u)
+        else:
+            expected = mixer(u)
+        got = ours(u)
+    assert expected.dtype == got.dtype == dtype
+    assert_rel(got, expected, tol, "block vs transformers Mamba2Mixer")
 
 
-def test_state_dict_names():
-    base = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight",
-            "out_proj.weight"}
-    assert set(Mamba2(d_model=16, d_state=4, headdim=8).state_dict()) == base
-    assert set(Mamba2(d_model=16, d_state=4, headdim=8, learnable_init_states=True).state_dict()) == base | {
-        "init_states"}
-    assert set(Mamba2(d_model=16, d_state=4, headdim=8, bias=True, conv_bias=False, rmsnorm=False).state_dict()) \
-        == base - {"conv1d.bias", "norm.weight"} | {"in_proj.bias", "out_proj.bias"}
+RECURRENCE_CONFIGS = {
+    "base": dict(),
+    "ngroups2": dict(ngroups=2),
+    "ngroups4": dict(ngroups=4),
+    "D_has_hdim": dict(D_has_hdim=True),
+    "d_ssm<d_inner": dict(d_ssm=8),
+    "d_ssm<d_inner,ngroups2": dict(d_ssm=8, ngroups=2),
+    "norm_before_gate": dict(norm_before_gate=True, ngroups=2),
+    "no_rmsnorm": dict(rmsnorm=False),
+    "dt_limit": dict(dt_limit=(0.03, 0.08)),
+    "bias,no_conv_bias": dict(bias=True, conv_bias=False),
+    "d_conv3": dict(d_conv=3),
+    "d_conv2": dict(d_conv=2),
+    "learnable_init_states": dict(learnable_init_states=True),
+    "everything": dict(d_ssm=8, ngroups=2, D_has_hdim=True, norm_before_gate=True, bias=True,
+                       d_conv=3, dt_limit=(0.0, 0.06), learnable_init_states=True),
+}
 
 
-def test_initialisation():
-    torch.manual_seed(37)
-    c = Mamba2Config(d_model=128, d_state=4, headdim=2, dt_min=1e-5, dt_max=0.1, dt_init_floor=1e-3,
-                     A_init_range=(2, 5), conv_init=0.05)
-    block = Mamba2(c)                                      # 128 heads
-    dt = F.softplus(block.dt_bias.detach().double())
-    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
-    # log-uniform over [1e-5, 0.1]: about half of the draws fall under the floor and are raised to it
-    assert (dt < 1.001e-3).sum() >= 30 and (dt > 1e-2).sum() >= 10
-    A = -torch.exp(block.A_log.detach())
-    assert A.min() >= -5 * (1 + 1e-6) and A.max() <= -2 * (1 - 1e-6) and A.std() > 0.3
-    assert torch.equal(block.D.detach(), torch.ones(c.nheads))
-    w = block.conv1d.weight.detach()
-    assert w.abs().max() <= 0.05 and w.abs().max() > 0.04   # the default kaiming bound here would be 0.5
-    for p in (block.dt_bias, block.A_log, block.D):
-        assert getattr(p, "_no_weight_decay", False) is True
-    assert not getattr(block.in_proj.weight, "_no_weight_decay", False)
-    assert torch.equal(Mamba2(d_model=16, d_state=4, headdim=8, D_has_hdim=True).D.detach(), torch.ones(32))
+@pytest.mark.parametrize("cfg", list(RECURRENCE_CONFIGS.values()), ids=list(RECURRENCE_CONFIGS))
+def test_matches_recurrence(cfg):
+    block = make_block(**cfg)
+    c = block.config
+    b, l = 2, 11                             # 11 tokens: two full chunks of 4 and a partial one
+    u = randn(l, b, c.d_model, seed=3).transpose(0, 1)   # a non-contiguous input, for good measure
+    if c.dt_limit != (0.0, float("inf")):    # the clamp must bite for this case to mean anything
+        with torch.no_grad():                # dt from ~0.002 to ~0.7 across the heads
+            block.dt_bias.copy_(torch.linspace(-6, 0, c.nheads, dtype=F64))
+        raw = F.softplus(block.in_proj(u)[..., -c.nheads:] + block.dt_bias)
+        assert (raw > c.dt_limit[1]).any() and (c.dt_limit[0] == 0 or (raw < c.dt_limit[0]).any())
+    h0 = randn(b, c.nheads, c.headdim, c.d_state, seed=4)
+    with torch.no_grad():
+        for init in (None, h0):
+            expected, expected_state = reference_block(block, u, init)
+            got, state = block(u, initial_states=init, return_final_states=True)
+            assert state.shape == (b, c.nheads, c.headdim, c.d_state)
+            # measured: 9.0e-16 and 8.1e-16
+            assert_rel(got, expected, 1e-14, f"output, initial_states={init is not None}")
+            assert_rel(state, expected_state, 1e-14,
+                       f"final state, initial_states={init is not None}")
 
 
-# =============================================================================== 12. fused function
+@pytest.mark.parametrize("dt_limit", [(0.05, 0.2), (0.0, 0.1), (0.1, float("inf"))])
+def test_dt_limit_edges_equal_recurrence_with_clamped_dt(dt_limit):
+    """dt_limit clamps softplus(dt + dt_bias): the block (chunked and token-by-token through a
+    cache) equals the recurrence run with the clamped dt, and differs from the unclamped one."""
+    block = make_block(seed=8, d_model=8, d_state=3, headdim=2, ngroups=2, chunk_size=5,
+                       dt_limit=dt_limit)
+    with torch.no_grad():
+        block.dt_bias.copy_(torch.linspace(-6.0, 3.0, block.config.nheads, dtype=F64))
+    u = randn(2, 23, 8, seed=9)
+    c = block.config
+    # the raw step sizes really cross the limits that are finite
+    dt_raw = F.softplus(block.in_proj(u)[..., -c.nheads:] + block.dt_bias).detach()
+    assert dt_raw.min() < dt_limit[0] or dt_limit[0] == 0.0
+    assert dt_raw.max() > dt_limit[1] or math.isinf(dt_limit[1])
+    assert c.d_inner == c.d_ssm
+    with torch.no_grad():
+        y, state = block(u, return_final_states=True)
+        cache = block.allocate_inference_cache(2)
+        steps = torch.cat([block(u[:, t:t + 1], cache=cache) for t in range(u.shape[1])], dim=1)
+    y_ref, s_ref = reference_block(block, u)
+    y_unclamped, _ = reference_block(block, u, clamp_dt=False)
+    assert_rel(y, y_ref, 3e-15, "chunked output")                    # measured 2.0e-16
+    assert_rel(state, s_ref, 2e-15, "chunked final state")           # measured 2.0e-16
+    assert_rel(steps, y_ref, 4e-15, "stepped output")                # measured 3.5e-16
+    assert_rel(cache.ssm_state, s_ref, 4e-15, "stepped final state") # measured 3.1e-16
+    assert rel_err(y_unclamped, y_ref) > 1e-3
 
-@pytest.mark.parametrize("cfg", [dict(), dict(d_ssm=8, ngroups=2, D_has_hdim=True, norm_before_gate=True, bias=True),
-                                 dict(rmsnorm=False, dt_limit=(0.0, 0.05))], ids=["base", "mlp,groups", "no_norm"])
+
+def test_block_chunk_size_independence():
+    base = make_block(ngroups=2, chunk_size=64, seed=25)
+    for l in (1, 5, 13, 67):
+        u = randn(2, l, 8, seed=l)
+        h0 = randn(2, 4, 4, 3, seed=l + 1)
+        with torch.no_grad():
+            ref = base(u, initial_states=h0, return_final_states=True)
+            for chunk in (1, 3, 8):
+                block = Mamba2(dataclasses.replace(base.config, chunk_size=chunk), dtype=F64)
+                block.load_state_dict(base.state_dict())
+                got = block(u, initial_states=h0, return_final_states=True)
+                # measured: 3.6e-16 and 6.1e-16
+                assert_rel(got[0], ref[0], 7e-15, f"output, l={l}, chunk {chunk} vs 64")
+                assert_rel(got[1], ref[1], 7e-15, f"final state, l={l}, chunk {chunk} vs 64")
+
+
+def test_block_gradcheck():
+    block = make_block(d_model=4, d_state=2, headdim=2, ngroups=2, d_conv=3, seed=19)  # mem-eff
+    names = ["dt_bias", "A_log", "D", "norm.weight", "conv1d.bias"]
+    params = {k: v.detach().clone().requires_grad_() for k, v in block.named_parameters()
+              if k in names}
+    u = randn(1, 6, 4, seed=20).requires_grad_()
+    h0 = randn(1, 4, 2, 2, seed=21).requires_grad_()
+    seq_idx = torch.tensor([[0, 0, 0, 0, 1, 1]])
+
+    def f(u, h0, *values):
+        return torch.func.functional_call(block, dict(zip(params, values)), (u,),
+                                          dict(seq_idx=seq_idx, initial_states=h0))
+
+    assert torch.autograd.gradcheck(f, (u, h0, *params.values()), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(d_ssm=8, ngroups=2, D_has_hdim=True,
+                                              norm_before_gate=True, bias=True),
+                                 dict(rmsnorm=False, dt_limit=(0.0, 0.05))],
+                         ids=["base", "mlp,groups", "no_norm"])
 def test_fused_function_equals_block(cfg):
     block = make_block(**cfg)
     c = block.config
-    u = rand(2, 13, 8, seed=38)
-    h0 = rand(2, c.nheads, c.headdim, c.d_state, seed=39)
-    seq_idx = torch.tensor([ids_from_lengths([6, 7]), ids_from_lengths([13])])
-    kwargs = dict(chunk_size=c.chunk_size, dt_limit=c.dt_limit, headdim=c.headdim, ngroups=c.ngroups,
-                  norm_before_gate=c.norm_before_gate,
+    u = randn(2, 13, 8, seed=38)
+    h0 = randn(2, c.nheads, c.headdim, c.d_state, seed=39)
+    seq_idx = packed_rows([6, 7], [13])
+    kwargs = dict(chunk_size=c.chunk_size, dt_limit=c.dt_limit, headdim=c.headdim,
+                  ngroups=c.ngroups, norm_before_gate=c.norm_before_gate,
                   rmsnorm_weight=block.norm.weight if c.rmsnorm else None, rmsnorm_eps=1e-5)
     with torch.no_grad():
-        expected, expected_state = block(u, seq_idx=seq_idx, initial_states=h0, return_final_states=True)
+        expected, expected_state = block(u, seq_idx=seq_idx, initial_states=h0,
+                                         return_final_states=True)
         zxbcdt = block.in_proj(u)
         A = -torch.exp(block.A_log)
         got, state = mamba_split_conv1d_scan_combined(
             zxbcdt, block.conv1d.weight.squeeze(1), block.conv1d.bias, block.dt_bias, A, block.D,
-            initial_states=h0, seq_idx=seq_idx, return_final_states=True, outproj_weight=block.out_proj.weight,
-            outproj_bias=block.out_proj.bias, **kwargs)
-        assert_rel(got, expected, 1e-13, "fused function vs block")
-        assert_rel(state, expected_state, 1e-13, "fused function final state vs block")
+            initial_states=h0, seq_idx=seq_idx, return_final_states=True,
+            outproj_weight=block.out_proj.weight, outproj_bias=block.out_proj.bias, **kwargs)
+        # measured: equal (the same function), here and below
+        assert_rel(got, expected, 1e-15, "fused function vs block")
+        assert_rel(state, expected_state, 1e-15, "fused function final state vs block")
         # without outproj_weight it returns the d_inner features before out_proj
-        inner = mamba_split_conv1d_scan_combined(zxbcdt, block.conv1d.weight, block.conv1d.bias, block.dt_bias,
-                                                 A, block.D, initial_states=h0, seq_idx=seq_idx, **kwargs)
+        inner = mamba_split_conv1d_scan_combined(zxbcdt, block.conv1d.weight, block.conv1d.bias,
+                                                 block.dt_bias, A, block.D, initial_states=h0,
+                                                 seq_idx=seq_idx, **kwargs)
         assert inner.shape == (2, 13, c.d_inner)
-        assert_rel(block.out_proj(inner), expected, 1e-13, "fused function without out_proj")
+        assert_rel(block.out_proj(inner), expected, 1e-15, "fused function without out_proj")
 
 
-# =========================================================================== 13. input validation
-
-@pytest.fixture(scope="module")
-def vblock():
-    return make_block()
-
-
-@pytest.mark.parametrize("case, exc, name", [
-    ("rank", ValueError, "u"), ("d_model", ValueError, "u"), ("int_dtype", TypeError, "u"),
-    ("dtype_mismatch", TypeError, "u"), ("empty", ValueError, "u"),
-    ("seq_idx_shape", ValueError, "seq_idx"), ("seq_idx_float", TypeError, "seq_idx"),
-    ("seq_idx_decreasing", ValueError, "seq_idx"),
-    ("cu_seqlens_end", ValueError, "cu_seqlens"), ("cu_seqlens_batch", ValueError, "cu_seqlens"),
-    ("cu_seqlens_float", TypeError, "cu_seqlens"), ("both_packings", ValueError, "cu_seqlens"),
-    ("initial_states_shape", ValueError, "initial_states"),
-    ("cache_batch", ValueError, "cache"), ("cache_and_initial_states", ValueError, "initial_states"),
-    ("cache_type", TypeError, "cache"),
-])
-def test_input_validation(vblock, case, exc, name):
-    c = vblock.config
-    u = rand(2, 6, c.d_model, seed=40)
-    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
-    h0 = rand(2, c.nheads, c.headdim, c.d_state, seed=41)
-    cache = InferenceCache.alloc(2, c, dtype=F64)
+def test_fused_function_takes_headdim_from_D_of_shape_h_p():
+    """Official Mamba2 calls the fused function with headdim=None when D_has_hdim: D (h, p)
+    gives it. The result equals the block with D_has_hdim."""
+    block = make_block(D_has_hdim=True)
+    c = block.config
+    u = randn(2, 9, 8)
     with torch.no_grad():
-        vblock(u[:, :5], cache=cache)      # a cache in a non-trivial state
-    before = cache.conv_state.clone(), cache.ssm_state.clone()
-    calls = {
-        "rank": lambda: vblock(u[0]),
-        "d_model": lambda: vblock(rand(2, 6, c.d_model + 1)),
-        "int_dtype": lambda: vblock(torch.ones(2, 6, c.d_model, dtype=torch.long)),
-        "dtype_mismatch": lambda: vblock(u.float()),
-        "empty": lambda: vblock(u[:, :0]),
-        "seq_idx_shape": lambda: vblock(u, seq_idx=ids[:, :5]),
-        "seq_idx_float": lambda: vblock(u, seq_idx=ids.double()),
-        "seq_idx_decreasing": lambda: vblock(u, seq_idx=ids.flip(1)),
-        "cu_seqlens_end": lambda: vblock(u[:1], cu_seqlens=torch.tensor([0, 2, 5])),
-        "cu_seqlens_batch": lambda: vblock(u, cu_seqlens=torch.tensor([0, 2, 6])),
-        "cu_seqlens_float": lambda: vblock(u[:1], cu_seqlens=torch.tensor([0.0, 2.0, 6.0])),
-        "both_packings": lambda: vblock(u[:1], seq_idx=ids[:1], cu_seqlens=torch.tensor([0, 2, 6])),
-        "initial_states_shape": lambda: vblock(u, initial_states=h0[:, :, :, :-1]),
-        "cache_batch": lambda: vblock(u[:1], cache=cache),
-        "cache_and_initial_states": lambda: vblock(u, cache=cache, initial_states=h0),
-        "cache_type": lambda: vblock(u, cache=(cache.conv_state, cache.ssm_state)),
-    }
-    with pytest.raises(exc, match=rf"\b{name}\b"):
-        calls[case]()
-    # the same failures with the cache attached must leave it exactly as it was
-    cached_calls = {
-        "rank": lambda: vblock(u[0], cache=cache),
-        "d_model": lambda: vblock(rand(2, 1, c.d_model + 1), cache=cache),
-        "dtype_mismatch": lambda: vblock(u[:, :1].float(), cache=cache),
-        "seq_idx_decreasing": lambda: vblock(u, seq_idx=ids.flip(1), cache=cache),
-        "seq_idx_shape": lambda: vblock(u[:, :1], seq_idx=ids, cache=cache),
-        "cache_and_initial_states": lambda: vblock(u[:, :1], cache=cache, initial_states=h0),
-        "cu_seqlens_batch": lambda: vblock(u, cu_seqlens=torch.tensor([0, 2, 6]), cache=cache),
-    }
-    if case in cached_calls:
-        with pytest.raises(exc):
-            cached_calls[case]()
-    assert torch.equal(cache.conv_state, before[0]) and torch.equal(cache.ssm_state, before[1])
+        want = block(u)
+        got = mamba_split_conv1d_scan_combined(
+            block.in_proj(u), block.conv1d.weight, block.conv1d.bias, block.dt_bias,
+            -torch.exp(block.A_log), block.D.view(c.nheads, c.headdim), c.chunk_size,
+            headdim=None, ngroups=c.ngroups, rmsnorm_weight=block.norm.weight, rmsnorm_eps=1e-5,
+            norm_before_gate=False, outproj_weight=block.out_proj.weight)
+    assert_close(got, want, atol=1e-15, what="fused function, headdim from D")   # equal
 
 
-def test_grad_mode_step_is_correct_or_leaves_cache_untouched():
-    """A single-token call on a fresh cache in grad mode (the default outside torch.no_grad) either gives the
-    no-grad result, or fails without touching the cache. learnable_init_states makes the fresh ssm_state
-    non-zero, so a partial in-place update before a failure would show."""
+# =========================================================================================
+# ==== 6. the cache
+# =========================================================================================
+
+CACHE_CONFIGS = {
+    "base": dict(),
+    "D_has_hdim": dict(D_has_hdim=True),          # official issue #887: step path, D (d_ssm,)
+    "ngroups2": dict(ngroups=2),
+    "ngroups2,d_ssm<d_inner": dict(ngroups=2, d_ssm=8, norm_before_gate=True),
+    "d_conv2,bias": dict(d_conv=2, bias=True, conv_bias=False),
+    "dt_limit,no_rmsnorm": dict(dt_limit=(0.02, 0.07), rmsnorm=False),
+}
+
+
+@pytest.mark.parametrize("cfg", list(CACHE_CONFIGS.values()), ids=list(CACHE_CONFIGS))
+def test_cache_pieces_and_steps_match_whole(cfg):
+    block = make_block(**cfg)
+    c = block.config
+    b, l = 2, 23
+    u = randn(b, l, c.d_model, seed=5)
+    with torch.no_grad():
+        whole, whole_state = block(u, return_final_states=True)
+        expected_conv = xbc_tail(block, u)
+        for sizes in ([l], [1, 3, 5, 1, 6, 7], [9, 1, 1, 12], [1] * l):   # pieces cross chunks
+            cache = InferenceCache.alloc(b, c, dtype=F64)
+            got = run_in_pieces(block, u, sizes, cache)
+            # measured: 5.0e-16, 4.8e-16 and 2.6e-16
+            assert_rel(got, whole, 6e-15, f"output in pieces {sizes}")
+            assert_rel(cache.ssm_state, whole_state, 5e-15, f"cache.ssm_state after {sizes}")
+            # the last d_conv pre-conv inputs (in_proj of a piece may round differently: 1 ulp)
+            assert_rel(cache.conv_state, expected_conv, 3e-15, f"cache.conv_state after {sizes}")
+
+
+@PROPERTY
+@given(cfg=block_configs(), data=st.data())
+def test_block_pieces_through_cache_equal_whole(cfg, data):
+    """Any split of a sequence into pieces (single tokens take the recurrent step) fed through one
+    InferenceCache gives the whole-sequence outputs, final SSM state and conv state, for any span
+    length; the whole forward equals the reference block."""
+    l = data.draw(st.integers(1, 40), label="l")
+    b = data.draw(st.integers(1, 2), label="b")
+    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
+    span = data.draw(SPAN_LENS, label="SPAN_LEN")
+    cuts = draw_cuts(data, l, 8, "pieces")
+    block = make_block(seed=seed, **cfg)
+    u = randn(b, l, cfg["d_model"], seed=seed + 1)
+    default_span = dict(mamba2.SPAN_LEN)
+    with torch.no_grad():
+        with span_len(256):
+            y_whole, s_whole = block(u, return_final_states=True)
+            whole_cache = block.allocate_inference_cache(b)
+            block(u, cache=whole_cache)
+        with span_len(span):
+            y_spans, s_spans = block(u, return_final_states=True)
+            cache = block.allocate_inference_cache(b)
+            points = [0] + cuts + [l]
+            pieces = [block(u[:, s:e], cache=cache) for s, e in zip(points[:-1], points[1:])]
+    assert mamba2.SPAN_LEN == default_span                  # the module setting was restored
+    y_ref, s_ref = reference_block(block, u)
+    # measured, the largest over 300 examples: 9.3e-16, 1.6e-15, 3.9e-15, 1.5e-15, 3.9e-15,
+    # 1.8e-15; conv_state 4.4e-16 absolute
+    assert_rel(y_whole, y_ref, 1e-14, "whole vs reference")
+    assert_rel(s_whole, s_ref, 2e-14, "final state vs reference")
+    assert_rel(y_spans, y_whole, 4e-14, "in spans vs whole")
+    assert_rel(s_spans, s_whole, 2e-14, "final state in spans vs whole")
+    assert_rel(torch.cat(pieces, dim=1), y_whole, 4e-14, "pieces through the cache vs whole")
+    assert_rel(cache.ssm_state, s_whole, 2e-14, "cache.ssm_state vs whole")
+    assert_close(cache.conv_state, whole_cache.conv_state, atol=5e-15,
+                 what="cache.conv_state vs one call")
+
+
+def test_multi_token_forward_continues_from_stepped_cache():
+    """Official issue #641: a chunked multi-token call must start from the state a step-by-step
+    prefill left."""
+    block = make_block(ngroups=2)
+    u = randn(2, 27, 8, seed=6)
+    with torch.no_grad():
+        whole = block(u)
+        cache = InferenceCache.alloc(2, block.config, dtype=F64)
+        got = run_in_pieces(block, u, [1] * 10 + [17], cache)
+    assert_rel(got, whole, 4e-15, "10 steps then 17 tokens at once")     # measured 3.9e-16
+
+
+def test_cache_long_prefill_then_steps():
+    """A cached prompt longer than one CPU processing span (SPAN_LEN), then single-token steps."""
+    block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16, ngroups=2)
+    l = CPU_SPAN + 40
+    u = randn(2, l, 4, seed=47)
+    with torch.no_grad():
+        whole, whole_state = block(u, return_final_states=True)
+        cache = InferenceCache.alloc(2, block.config, dtype=F64)
+        got = run_in_pieces(block, u, [l - 5] + [1] * 5, cache)
+    assert_rel(got, whole, 2e-15, "long cached prefill + steps")         # measured 1.2e-16
+    assert_rel(cache.ssm_state, whole_state, 4e-15, "ssm_state")         # measured 3.6e-16
+    assert_rel(cache.conv_state, xbc_tail(block, u), 2e-15, "conv_state")  # 1.2e-16
+
+
+def test_block_halves_need_conv_history_which_cache_carries():
+    block = make_block()
+    u = randn(2, 14, 8, seed=17)
+    with torch.no_grad():
+        whole = block(u)
+        first, mid = block(u[:, :6], return_final_states=True)
+        # initial_states carries the SSM state only: the conv window of the second half starts
+        # empty, so its first tokens differ from the whole-sequence run.
+        second_no_conv = block(u[:, 6:], initial_states=mid)
+        assert rel_err(second_no_conv[:, :1], whole[:, 6:7]) > 1e-3
+        # A cache carries both the conv window and the SSM state.
+        cache = InferenceCache.alloc(2, block.config, dtype=F64)
+        block(u[:, :6], cache=cache)
+        assert_close(cache.ssm_state, mid, atol=1e-15, what="cache.ssm_state")   # equal
+        second = block(u[:, 6:], cache=cache)
+    assert_rel(torch.cat([first, second], dim=1), whole, 1e-15, "two halves, cache")  # 3.8e-17
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["alloc", "learnable_init_states"])
+def test_cache_reset_gives_identical_rerun(learnable):
+    """reset() must bring a cache back to where it started: zeros for InferenceCache.alloc, the
+    learned init_states for a cache from allocate_inference_cache of a block with
+    learnable_init_states."""
+    block = make_block(learnable_init_states=learnable)
+    u = randn(2, 9, 8, seed=7)
+    cache = (block.allocate_inference_cache(2) if learnable
+             else InferenceCache.alloc(2, block.config, dtype=F64))
+    with torch.no_grad():
+        first = run_in_pieces(block, u, [4, 1, 4], cache)
+        first_states = cache.conv_state.clone(), cache.ssm_state.clone()
+        assert cache.reset() is cache
+        assert not cache.conv_state.any()
+        second = run_in_pieces(block, u, [4, 1, 4], cache)
+        fresh = run_in_pieces(block, u, [4, 1, 4], block.allocate_inference_cache(2))
+    assert torch.equal(first, fresh)
+    assert torch.equal(first, second), "re-run after reset() differs from the first run"
+    assert torch.equal(cache.conv_state, first_states[0])
+    assert torch.equal(cache.ssm_state, first_states[1])
+
+
+@pytest.mark.parametrize("sizes", [[3, 5], [3, 1, 1, 3], [1] * 8], ids=["chunks", "mixed", "steps"])
+def test_cached_forward_with_grad_enabled(sizes):
+    """Decoding with a cache outside torch.no_grad() (grad mode is the default) must give the
+    same outputs."""
+    block = make_block(ngroups=2)
+    u = randn(2, 8, 8, seed=48)
+    with torch.no_grad():
+        whole = block(u)
+    cache = InferenceCache.alloc(2, block.config, dtype=F64)
+    got = run_in_pieces(block, u, sizes, cache)
+    assert_rel(got, whole, 3e-15, f"grad-mode cached pieces {sizes}")    # measured 2.5e-16
+
+
+def test_grad_mode_step_on_a_fresh_cache_equals_the_no_grad_step():
+    """A single-token call on a fresh cache in grad mode (the default outside torch.no_grad) gives
+    the no-grad result, an output autograd can differentiate, and leaves the same conv and SSM
+    states in the cache. learnable_init_states makes the fresh ssm_state non-zero, so a wrong
+    start or a partial update would show."""
     block = make_block(learnable_init_states=True)
-    u = rand(2, 1, 8, seed=50)
+    u = randn(2, 1, 8, seed=50)
     with torch.no_grad():
         ref_cache = block.allocate_inference_cache(2)
         expected = block(u, cache=ref_cache)
     cache = block.allocate_inference_cache(2)
-    before = cache.conv_state.clone(), cache.ssm_state.clone()
-    try:
-        got = block(u, cache=cache)
-    except Exception as exc:   # noqa: BLE001 - any failure is acceptable here, a half-updated cache is not
-        assert torch.equal(cache.conv_state, before[0]) and torch.equal(cache.ssm_state, before[1]), \
-            f"the call failed ({type(exc).__name__}: {exc}) and left the cache modified"
-    else:
-        assert_rel(got, expected, 1e-12, "grad-mode step")
-        assert_rel(cache.ssm_state, ref_cache.ssm_state, 1e-12, "ssm_state after a grad-mode step")
+    assert cache.ssm_state.any()
+    got = block(u, cache=cache)
+    assert got.requires_grad
+    assert_rel(got, expected, 1e-15, "grad-mode step")                  # measured: equal
+    assert_rel(cache.ssm_state, ref_cache.ssm_state, 1e-15, "ssm_state after a grad-mode step")
+    assert torch.equal(cache.conv_state, ref_cache.conv_state)
+    assert not cache.ssm_state.requires_grad and not cache.conv_state.requires_grad
+
+
+def test_cached_outputs_can_be_backpropagated():
+    """The outputs of successful cached calls made in grad mode must be differentiable without
+    autograd errors (a later call must not invalidate the graph of an earlier one)."""
+    block = make_block(ngroups=2)
+    u = randn(2, 8, 8, seed=48)
+    cache = InferenceCache.alloc(2, block.config, dtype=F64)
+    got = run_in_pieces(block, u, [3, 5], cache)
+    got.square().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+def test_cache_is_truncated_backpropagation_through_time():
+    """Gradients stop at each cached call: the second piece's output does not depend (in the
+    graph) on the first piece's input, while its value does."""
+    block = make_block(seed=36)
+    u = randn(1, 10, 8, seed=37).requires_grad_()
+    cache = block.allocate_inference_cache(1)
+    block(u[:, :6], cache=cache)
+    second = block(u[:, 6:], cache=cache)
+    (g,) = torch.autograd.grad(second.sum(), u)
+    assert not g[:, :6].any() and g[:, 6:].any()
+    with torch.no_grad():
+        assert not torch.equal(second, block(u[:, 6:]))
+
+
+def test_returned_final_state_is_not_overwritten_by_later_calls():
+    """return_final_states with a cache returns the state after the call; a later call on the same
+    cache must not change a state returned earlier, whether the earlier call had several tokens or
+    one (step path)."""
+    block = make_block()
+    u = randn(2, 6, 8, seed=49)
+    with torch.no_grad():
+        for first in (3, 1):
+            cache = InferenceCache.alloc(2, block.config, dtype=F64)
+            _, state = block(u[:, :first], cache=cache, return_final_states=True)
+            kept = state.clone()
+            block(u[:, first:first + 1], cache=cache)
+            assert torch.equal(state, kept), f"state returned by a {first}-token call changed"
 
 
 def test_cache_alloc_validation():
@@ -1157,385 +1449,378 @@ def test_cache_alloc_validation():
         with pytest.raises(ValueError, match="batch_size"):
             InferenceCache.alloc(bad, c)
     cache = InferenceCache.alloc(3, c, dtype=F64)
-    assert cache.conv_state.shape == (3, c.conv_dim, c.d_conv) and cache.ssm_state.shape == (3, 4, 4, 3)
+    assert cache.conv_state.shape == (3, c.conv_dim, c.d_conv)
+    assert cache.ssm_state.shape == (3, 4, 4, 3)
     assert cache.ssm_state.dtype == F64 and cache.batch_size == 3
 
 
-# ================================================================================ 14. low precision
+# =========================================================================================
+# ==== 7. packing
+# =========================================================================================
 
-def test_bfloat16_forward_close_to_float32():
-    block32 = make_block(dtype=torch.float32, d_model=32, d_state=8, headdim=8, ngroups=2, chunk_size=16, seed=42)
-    block16 = make_block(dtype=torch.float32, d_model=32, d_state=8, headdim=8, ngroups=2, chunk_size=16, seed=42)
-    block16.to(torch.bfloat16)
-    with torch.no_grad():   # give the float32 reference the very same (bf16-rounded) weights and input
-        block32.load_state_dict({k: v.float() for k, v in block16.state_dict().items()})
-    u = rand(2, 40, 32, seed=43, dtype=torch.float32).bfloat16()
-    with torch.no_grad():
-        y16, s16 = block16(u, return_final_states=True)
-        y32, s32 = block32(u.float(), return_final_states=True)
-    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
-    # bf16 keeps 8 bits of mantissa (rounding 2^-9 ~ 2e-3 per op); in_proj, conv, gating and out_proj each
-    # round, the scan itself runs in fp32. Measured: 4.6e-3 (norm-wise); the bound 5e-2 leaves a 10x margin.
-    rel = ((y16.float() - y32).norm() / y32.norm()).item()
-    assert rel < 5e-2, rel
-    assert ((s16 - s32).norm() / s32.norm()).item() < 5e-2
+def test_seq_idx_matches_sequences_alone():
+    block = make_block(ngroups=2)                 # d_conv 4, chunk 4
+    # row 0: segments shorter than d_conv, a length-1 segment, one crossing two chunk boundaries;
+    # row 1: different layout and non-consecutive ids starting above 0.
+    seq_idx = torch.stack([seq_idx_from_lengths([2, 1, 9, 1, 6]),
+                           seq_idx_from_lengths([5, 3, 1, 1, 9], first=3, gaps=2)]).int()
+    u = randn(2, 19, 8, seed=9)
+    packed_vs_alone(block, u, seq_idx=seq_idx, tol=7e-15)               # measured 6.1e-16
+    packed_vs_alone(block, u, seq_idx=seq_idx, initial_states=randn(2, 4, 4, 3, seed=10),
+                    tol=7e-15)
 
 
-def test_autocast_bfloat16_forward_backward():
-    block = make_block(dtype=torch.float32, d_model=32, d_state=8, headdim=8, chunk_size=16, seed=44)
-    u = rand(2, 40, 32, seed=45, dtype=torch.float32).requires_grad_()
-    with torch.no_grad():
-        y32 = block(u)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = block(u)
-    assert torch.isfinite(y).all()
-    assert ((y.float() - y32).norm() / y32.norm()).item() < 5e-2   # measured 4.8e-3: bf16 matmuls, fp32 scan
-    y.float().square().mean().backward()
-    grads = [u.grad] + [p.grad for p in block.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert all(g.abs().sum() > 0 for g in grads)
+def test_cu_seqlens_matches_sequences_alone():
+    block = make_block(d_conv=3, D_has_hdim=True)
+    cu = torch.tensor([0, 3, 4, 15, 17, 21])
+    u = randn(1, 21, 8, seed=11)
+    packed_vs_alone(block, u, cu_seqlens=cu, tol=3e-15)                 # measured 2.8e-16
+    packed_vs_alone(block, u, cu_seqlens=cu, initial_states=randn(1, 4, 4, 3, seed=12),
+                    tol=3e-15)
+    with torch.no_grad():   # cu_seqlens is just another spelling of seq_idx
+        by_ids = block(u, seq_idx=packed_rows([3, 1, 11, 2, 4]))
+        assert torch.equal(block(u, cu_seqlens=cu), by_ids)
 
 
-# ====================================================================================================
-# ROBUSTNESS: property tests, numerics, input validation, distributed training, safety
-# ====================================================================================================
-
-
-F64 = torch.float64
-REPO = Path(__file__).resolve().parent
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-# ============================================================================================ helpers
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _randn(*shape, seed=0, dtype=F64, scale=1.0):
-    return torch.randn(*shape, generator=_gen(seed), dtype=F64).mul(scale).to(dtype)
-
-
-def _uniform(*shape, lo, hi, seed=0, dtype=F64):
-    return (torch.rand(*shape, generator=_gen(seed), dtype=F64) * (hi - lo) + lo).to(dtype)
-
-
-def _rel_err(actual, expected) -> float:
-    """max |actual - expected| / max |expected|, in float64."""
-    actual, expected = actual.detach().to(F64), expected.detach().to(F64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return (actual - expected).abs().max().item() / max(expected.abs().max().item(), 1e-300)
-
-
-def _norm_rel(actual, expected) -> float:
-    """||actual - expected|| / ||expected|| (Frobenius), in float64."""
-    actual, expected = actual.detach().to(F64), expected.detach().to(F64)
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
-
-
-@contextlib.contextmanager
-def _seq_block_len(n: int):
-    """Temporarily process long inputs in blocks of n tokens on the CPU (always restored)."""
-    old = mamba2.SPAN_LEN.get("cpu")
-    mamba2.SPAN_LEN["cpu"] = n
-    try:
-        yield
-    finally:
-        if old is None:
-            mamba2.SPAN_LEN.pop("cpu", None)
-        else:
-            mamba2.SPAN_LEN["cpu"] = old
-
-
-def _seq_idx_from_lengths(lengths, first=0, gaps=None) -> torch.Tensor:
-    """Segment lengths -> non-decreasing ids (1-D, int64); gaps[i] >= 1 is the id step before segment i+1."""
-    ids, cur = [], first
-    for i, n in enumerate(lengths):
-        if i:
-            cur += gaps[i - 1] if gaps else 1
-        ids += [cur] * n
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def _lengths_from_cuts(l: int, cuts) -> list:
-    points = [0] + sorted(cuts) + [l]
-    return [b - a for a, b in zip(points[:-1], points[1:])]
-
-
-def _recurrence(x, dt, A, B, C, D=None, h0=None, seq_idx=None):
-    """The SSM token by token, float64, straight from the paper:
-
-        h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T          (state reset to 0 where seq_idx changes)
-        y_t = h_t C_t + D x_t
-
-    x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n), head k uses group k // (h / g);
-    D (h,) or (h, p); h0 (b, h, p, n) the state before token 0. Returns y (b, l, h, p), final state."""
-    b, l, h, p = x.shape
-    g, n = B.shape[-2:]
-    x, dt, A, B, C = (t.detach().to(F64) for t in (x, dt, A, B, C))
-    Bh, Ch = B.repeat_interleave(h // g, dim=2), C.repeat_interleave(h // g, dim=2)   # (b, l, h, n)
-    Dm = None if D is None else (D.detach().to(F64) if D.dim() == 2 else D.detach().to(F64)[:, None])
-    state = torch.zeros(b, h, p, n, dtype=F64) if h0 is None else h0.detach().to(F64).clone()
-    ys = []
-    for t in range(l):
-        if seq_idx is not None and t > 0:
-            fresh = (seq_idx[:, t] != seq_idx[:, t - 1])[:, None, None, None]
-            state = torch.where(fresh, torch.zeros_like(state), state)
-        decay = torch.exp(dt[:, t] * A)[:, :, None, None]                              # (b, h, 1, 1)
-        state = decay * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
-        y = (state * Ch[:, t, :, None, :]).sum(-1)                                     # (b, h, p)
-        if Dm is not None:
-            y = y + Dm * x[:, t]
-        ys.append(y)
-    return torch.stack(ys, dim=1), state
-
-
-def _reference_block(block: Mamba2, u: torch.Tensor, h0=None, seq_idx=None, clamp_dt=True):
-    """A Mamba-2 block from its definition, float64, on top of `_recurrence`:
-    in_proj -> causal depthwise conv (no input from another segment) -> silu -> dt = softplus(. + dt_bias)
-    clamped to dt_limit -> recurrence -> grouped gated RMSNorm -> [silu(z0) x0, y] -> out_proj."""
-    cfg = block.config
-
-    def W(t):
-        return None if t is None else t.detach().to(F64)
-
-    u = u.detach().to(F64)
-    b, l, _ = u.shape
-    h, p, n, g, w = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups, cfg.d_conv
-    d_mlp = cfg.d_inner - cfg.d_ssm
-    zxbcdt = F.linear(u, W(block.in_proj.weight), W(block.in_proj.bias))
-    z0, x0, z, xbc, dt_raw = zxbcdt.split([d_mlp, d_mlp, cfg.d_ssm, cfg.conv_dim, h], dim=-1)
-    taps = W(block.conv1d.weight)[:, 0]                                                # (conv_dim, w)
-    padded = F.pad(xbc, (0, 0, w - 1, 0))
-    seg = None if seq_idx is None else F.pad(seq_idx.to(torch.long), (w - 1, 0), value=-1)
-    conv = torch.zeros_like(xbc)
-    for k in range(w):                       # the input at lag w-1-k
-        term = padded[:, k:k + l] * taps[:, k]
-        if seg is not None:
-            term = term * (seg[:, k:k + l] == seq_idx).unsqueeze(-1)
-        conv = conv + term
-    if block.conv1d.bias is not None:
-        conv = conv + W(block.conv1d.bias)
-    xbc = F.silu(conv)
-    x, B, C = xbc.split([cfg.d_ssm, g * n, g * n], dim=-1)
-    dt = F.softplus(dt_raw + W(block.dt_bias))
-    if clamp_dt:
-        dt = dt.clamp(min=cfg.dt_limit[0], max=cfg.dt_limit[1])
-    A = -torch.exp(W(block.A_log))
-    D = W(block.D).view(h, p) if cfg.D_has_hdim else W(block.D)
-    if h0 is None and cfg.learnable_init_states:
-        h0 = W(block.init_states).expand(b, h, p, n)
-    y, state = _recurrence(x.unflatten(-1, (h, p)), dt, A, B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n)),
-                           D, h0, seq_idx)
-    y = y.flatten(-2)
-    if cfg.rmsnorm:
-        gate = F.silu(z)
-        if not cfg.norm_before_gate:
-            y = y * gate
-        yg = y.unflatten(-1, (g, cfg.d_ssm // g))
-        y = (yg / torch.sqrt(yg.pow(2).mean(-1, keepdim=True) + block.norm.eps)).flatten(-2) * W(block.norm.weight)
-        if cfg.norm_before_gate:
-            y = y * gate
-    else:
-        y = y * F.silu(z)
-    if d_mlp:
-        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
-    return F.linear(y, W(block.out_proj.weight), W(block.out_proj.bias)), state
-
-
-@torch.no_grad()
-def _randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Move D, norms, biases, conv taps and step sizes away from their special initial values."""
-    g = _gen(seed)
-    for name, prm in module.named_parameters():
-        def rnd(scale):
-            return (torch.randn(prm.shape, generator=g, dtype=F64) * scale).to(prm.dtype)
-        last = name.rsplit(".", 1)[-1]
-        if last == "D" or name.endswith("norm.weight"):
-            prm.copy_(1 + rnd(0.4))
-        elif last == "dt_bias":
-            prm.add_(rnd(0.5))
-        elif last == "A_log":
-            prm.add_(rnd(0.3))
-        elif last == "init_states":
-            prm.copy_(rnd(0.5))
-        elif last == "bias" or "conv1d" in name:
-            prm.copy_(rnd(0.4))
-    return module
-
-
-def _block(seed=0, dtype=F64, **cfg) -> Mamba2:
-    torch.manual_seed(seed)
-    return _randomize(Mamba2(Mamba2Config(**cfg), dtype=dtype), seed)
-
-
-@st.composite
-def _block_configs(draw, learnable=True):
-    d_model = draw(st.sampled_from([4, 6, 8]))
-    expand = draw(st.sampled_from([1, 2]))
-    d_inner = expand * d_model
-    headdim = draw(st.sampled_from([hd for hd in (1, 2, 3, 4, 6, 8) if d_inner % hd == 0]))
-    most = d_inner // headdim
-    nheads = draw(st.integers(1, most - 1)) if most > 1 and draw(st.integers(0, 3)) == 0 else most
-    ngroups = draw(st.sampled_from([k for k in range(1, min(nheads, 4) + 1) if nheads % k == 0]))
-    return dict(d_model=d_model, expand=expand, headdim=headdim, d_ssm=nheads * headdim, ngroups=ngroups,
-                d_state=draw(st.integers(1, 4)), d_conv=draw(st.integers(2, 4)), chunk_size=draw(st.integers(1, 16)),
-                D_has_hdim=draw(st.booleans()), norm_before_gate=draw(st.booleans()),
-                rmsnorm=draw(st.sampled_from([True, True, False])), bias=draw(st.booleans()),
-                conv_bias=draw(st.booleans()), learnable_init_states=learnable and draw(st.booleans()))
-
-
-def _draw_cuts(data, l: int, most: int, label: str):
-    if l < 2:
-        return []
-    return sorted(data.draw(st.sets(st.integers(1, l - 1), max_size=min(l - 1, most)), label=label))
-
-
-_BLOCK_LENS = st.sampled_from([1, 3, 7, 256])
-
-
-# ================================================================== 1. property tests (hypothesis)
-
-def _draw_scan_case(data):
-    """Random scan inputs for the property tests: sizes, chunk length, segment layout, D (none, per head, per
-    channel) and initial state. Returns (chunk, x, dt, A, B, C, D, h0, seq_idx)."""
-    b = data.draw(st.integers(1, 2), label="b")
-    l = data.draw(st.integers(1, 40), label="l")
-    g = data.draw(st.integers(1, 2), label="g")
-    h = g * data.draw(st.integers(1, 3), label="r")
-    p, n = data.draw(st.integers(1, 4), label="p"), data.draw(st.integers(1, 5), label="n")
-    chunk = data.draw(st.integers(1, 16), label="chunk")
-    d_kind = data.draw(st.sampled_from([None, "h", "hp"]), label="D")
-    with_h0, with_seq = data.draw(st.booleans(), label="h0"), data.draw(st.booleans(), label="seq_idx")
-    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    x = _randn(b, l, h, p, seed=seed)
-    dt = _uniform(b, l, h, lo=0.01, hi=1.5, seed=seed + 1)          # > 0, from mild to strong decay
-    A = -_uniform(h, lo=0.1, hi=3.0, seed=seed + 2)                  # < 0
-    B, C = _randn(b, l, g, n, seed=seed + 3), _randn(b, l, g, n, seed=seed + 4)
-    D = {None: None, "h": _randn(h, seed=seed + 5), "hp": _randn(h, p, seed=seed + 5)}[d_kind]
-    h0 = _randn(b, h, p, n, seed=seed + 6) if with_h0 else None
-    seq_idx = None
-    if with_seq:
-        rows = []
-        for _ in range(b):
-            lengths = _lengths_from_cuts(l, _draw_cuts(data, l, 6, "cuts"))
-            gaps = data.draw(st.lists(st.integers(1, 3), min_size=len(lengths), max_size=len(lengths)), label="gaps")
-            rows.append(_seq_idx_from_lengths(lengths, first=data.draw(st.integers(0, 2), label="first"), gaps=gaps))
-        seq_idx = torch.stack(rows).to(data.draw(st.sampled_from([torch.int32, torch.int64]), label="idx dtype"))
-    return chunk, x, dt, A, B, C, D, h0, seq_idx
-
-
-@PROPERTY
-@given(data=st.data())
-def test_ssd_equals_token_recurrence(data):
-    """(a) chunked ssd == the recurrence, for random sizes, chunk lengths, segment layouts, D and h0."""
-    chunk, x, dt, A, B, C, D, h0, seq_idx = _draw_scan_case(data)
-    b, h, p, n = x.shape[0], x.shape[2], x.shape[3], B.shape[-1]
-    y, final = ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True)
-    y_ref, final_ref = _recurrence(x, dt, A, B, C, D, h0, seq_idx)
-    assert y.dtype == F64 and final.shape == (b, h, p, n)
-    assert _rel_err(y, y_ref) < 1e-10
-    assert _rel_err(final, final_ref) < 1e-10
-
-
-@PROPERTY
-@given(data=st.data())
-def test_ssd_gradients_equal_token_recurrence_gradients(data):
-    """(a') the scan's hand-written backward == autograd through the recurrence, for the same random cases."""
-    chunk, *inputs, seq_idx = _draw_scan_case(data)
-    leaves = [t.requires_grad_() for t in inputs if t is not None]
-    x, dt, A, B, C, D, h0 = inputs
-    weights = [_randn(*shape, seed=7) for shape in (x.shape, (x.shape[0], x.shape[2], x.shape[3], B.shape[-1]))]
-    grads = []
-    for scan in (lambda: ssd(x, dt, A, B, C, chunk, D=D, initial_states=h0, seq_idx=seq_idx, return_final_states=True),
-                 lambda: scan_reference(x, dt, A, B, C, D=D, initial_states=h0, seq_idx=seq_idx)):
-        y, final = scan()
-        grads.append(torch.autograd.grad((y * weights[0]).sum() + (final * weights[1]).sum(), leaves))
-    for got, want in zip(*grads):
-        assert _rel_err(got, want) < 1e-10
-
-
-@PROPERTY
-@given(cfg=_block_configs(), data=st.data())
-def test_block_pieces_through_cache_equal_whole(cfg, data):
-    """(b) any split of a sequence into pieces (single tokens take the recurrent step) fed through one
-    InferenceCache gives the whole-sequence outputs, final SSM state and conv state, for any block length."""
-    l = data.draw(st.integers(1, 40), label="l")
-    b = data.draw(st.integers(1, 2), label="b")
-    seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    block_len = data.draw(_BLOCK_LENS, label="SPAN_LEN")
-    cuts = _draw_cuts(data, l, 8, "pieces")
-    block = _block(seed=seed, **cfg)
-    u = _randn(b, l, cfg["d_model"], seed=seed + 1)
-    default_block_len = mamba2.SPAN_LEN.get("cpu")
-    with torch.no_grad():
-        with _seq_block_len(256):
-            y_whole, s_whole = block(u, return_final_states=True)
-            whole_cache = block.allocate_inference_cache(b)
-            block(u, cache=whole_cache)
-        with _seq_block_len(block_len):
-            y_blocks, s_blocks = block(u, return_final_states=True)
-            cache = block.allocate_inference_cache(b)
-            points = [0] + cuts + [l]
-            pieces = [block(u[:, s:e], cache=cache) for s, e in zip(points[:-1], points[1:])]
-    assert mamba2.SPAN_LEN.get("cpu") == default_block_len      # the module setting was restored
-    # the whole forward itself is right (the recurrence) and independent of the block length
-    y_ref, s_ref = _reference_block(block, u)
-    assert _rel_err(y_whole, y_ref) < 1e-10 and _rel_err(s_whole, s_ref) < 1e-10
-    assert _rel_err(y_blocks, y_whole) < 1e-10 and _rel_err(s_blocks, s_whole) < 1e-10
-    assert _rel_err(torch.cat(pieces, dim=1), y_whole) < 1e-10
-    assert _rel_err(cache.ssm_state, s_whole) < 1e-10
-    assert torch.allclose(cache.conv_state, whole_cache.conv_state, rtol=1e-12, atol=1e-12)
-
-
-@PROPERTY
-@given(cfg=_block_configs(learnable=False), data=st.data())
+@settings(PROPERTY, max_examples=40)
+@given(cfg=block_configs(), data=st.data())
 def test_block_packed_equals_separate_runs(cfg, data):
-    """(c) sequences packed along the length (seq_idx, or cu_seqlens for batch 1) give exactly what each
-    gives alone; initial_states apply to the first segment of a row; the final state is the last segment's."""
+    """Sequences packed along the length (seq_idx, or cu_seqlens for batch 1) give exactly what
+    each gives alone, for any block options, chunk and span length: initial_states apply to the
+    first segment of a row, every other segment starts from the learned init_states (or zeros);
+    the final state is the last segment's; and the packed call equals the reference block with
+    segment resets."""
     l = data.draw(st.integers(1, 40), label="l")
     b = data.draw(st.integers(1, 2), label="b")
     seed = data.draw(st.integers(0, 2 ** 16), label="seed")
-    block_len = data.draw(_BLOCK_LENS, label="SPAN_LEN")
+    span = data.draw(SPAN_LENS, label="SPAN_LEN")
     with_h0 = data.draw(st.booleans(), label="h0")
-    block = _block(seed=seed, **cfg)
+    block = make_block(seed=seed, **cfg)
     c = block.config
-    u = _randn(b, l, c.d_model, seed=seed + 1)
-    h0 = _randn(b, c.nheads, c.headdim, c.d_state, seed=seed + 2) if with_h0 else None
-    layouts = [_lengths_from_cuts(l, _draw_cuts(data, l, 5, "cuts")) for _ in range(b)]
-    gaps = [data.draw(st.lists(st.integers(1, 3), min_size=len(x), max_size=len(x)), label="gaps") for x in layouts]
-    seq_idx = torch.stack([_seq_idx_from_lengths(x, gaps=gp) for x, gp in zip(layouts, gaps)])
-    with torch.no_grad(), _seq_block_len(block_len):
-        y, final = block(u, seq_idx=seq_idx, initial_states=h0, return_final_states=True)
-        for row, lengths in enumerate(layouts):
-            start = 0
-            for k, n in enumerate(lengths):
-                init = h0[row:row + 1] if (h0 is not None and k == 0) else None
-                y_alone, s_alone = block(u[row:row + 1, start:start + n], initial_states=init,
-                                         return_final_states=True)
-                assert _rel_err(y[row:row + 1, start:start + n], y_alone) < 1e-10, (row, k)
-                start += n
-            assert _rel_err(final[row:row + 1], s_alone) < 1e-10
-        if b == 1:
-            cu = torch.tensor([0] + list(torch.tensor(layouts[0]).cumsum(0)), dtype=torch.int32)
-            y_cu, final_cu = block(u, cu_seqlens=cu, initial_states=h0, return_final_states=True)
-            assert _rel_err(y_cu, y) < 1e-12 and _rel_err(final_cu, final) < 1e-12
-    # and against the from-definition block with segment resets
-    y_ref, _ = _reference_block(block, u, h0=h0, seq_idx=seq_idx)
-    assert _rel_err(y, y_ref) < 1e-10
+    u = randn(b, l, c.d_model, seed=seed + 1)
+    h0 = randn(b, c.nheads, c.headdim, c.d_state, seed=seed + 2) if with_h0 else None
+    layouts = [lengths_from_cuts(l, draw_cuts(data, l, 5, "cuts")) for _ in range(b)]
+    gaps = [data.draw(st.lists(st.integers(1, 3), min_size=len(x), max_size=len(x)),
+                      label="gaps") for x in layouts]
+    seq_idx = torch.stack([seq_idx_from_lengths(x, gaps=gp) for x, gp in zip(layouts, gaps)])
+    with span_len(span):
+        # measured, the largest over 300 examples: 2.1e-15 here, 1.6e-15 and 1.7e-15 below
+        packed_vs_alone(block, u, seq_idx=seq_idx, initial_states=h0, tol=3e-14)
+        with torch.no_grad():
+            y, final = block(u, seq_idx=seq_idx, initial_states=h0, return_final_states=True)
+            if b == 1:
+                cu = torch.tensor([0] + list(torch.tensor(layouts[0]).cumsum(0)),
+                                  dtype=torch.int32)
+                y_cu, final_cu = block(u, cu_seqlens=cu, initial_states=h0,
+                                       return_final_states=True)
+                assert_rel(y_cu, y, 1e-15, "cu_seqlens vs seq_idx")          # measured: equal
+                assert_rel(final_cu, final, 1e-15, "cu_seqlens vs seq_idx, final state")
+    y_ref, s_ref = reference_block(block, u, initial_states=h0, seq_idx=seq_idx)
+    assert_rel(y, y_ref, 2e-14, "packed vs the reference block")
+    assert_rel(final, s_ref, 2e-14, "packed final state vs the reference block")
 
 
-# ================================================================================== 2. numerics
+def test_cache_pieces_with_seq_idx_match_packed_whole():
+    """A packed batch fed through a cache in pieces equals the packed whole. No piece starts a
+    segment (the cache, like initial_states, continues the first segment of a piece), but pieces
+    start right after a segment change, so the conv window handed over must not carry inputs of
+    the earlier segment."""
+    block = make_block(ngroups=2)
+    seq_idx = packed_rows([5, 2, 5, 7], [1, 9, 2, 7])
+    u = randn(2, 19, 8, seed=46)
+    with torch.no_grad():
+        whole, whole_state = block(u, seq_idx=seq_idx, return_final_states=True)
+        whole_cache = InferenceCache.alloc(2, block.config, dtype=F64)
+        block(u, seq_idx=seq_idx, cache=whole_cache)
+        cache, outs, start = InferenceCache.alloc(2, block.config, dtype=F64), [], 0
+        for size in (3, 3, 2, 3, 4, 4):
+            outs.append(block(u[:, start:start + size], seq_idx=seq_idx[:, start:start + size],
+                              cache=cache))
+            start += size
+    # measured: 2.5e-16, 1.9e-16, equal, 1.1e-16, equal
+    assert_rel(torch.cat(outs, dim=1), whole, 3e-15, "packed output in cached pieces")
+    assert_rel(cache.ssm_state, whole_state, 2e-15, "ssm_state")
+    assert_rel(whole_cache.ssm_state, whole_state, 1e-15, "ssm_state of one cached call")
+    assert_rel(cache.conv_state, whole_cache.conv_state, 2e-15, "conv_state")
+    # only the last segment's inputs survive in the conv window (both rows end with 7 tokens)
+    assert_rel(whole_cache.conv_state, xbc_tail(block, u), 1e-15, "conv_state of a packed call")
+
+
+def test_seq_idx_across_long_input_spans():
+    """On CPU a long input runs in spans of SPAN_LEN tokens: segments that start exactly at a span
+    boundary or cross one must still be isolated, and the result must not depend on the span
+    length."""
+    block = make_block(d_model=4, headdim=2, d_state=2, chunk_size=16)
+    l = CPU_SPAN + 44
+    seq_idx = packed_rows([100, CPU_SPAN - 100, 44],     # a segment starts exactly at the boundary
+                          [CPU_SPAN - 6, 10, 40],        # a segment crosses it
+                          [CPU_SPAN - 5, 3, 46])         # a 3-token segment ends 2 tokens before
+    #                                                      it: the conv window handed across spans
+    #                                                      three segments
+    u = randn(3, l, 4, seed=13)
+    packed_vs_alone(block, u, seq_idx=seq_idx, initial_states=randn(3, 4, 2, 2, seed=14),
+                    tol=5e-15)                                           # measured 4.4e-16
+    with torch.no_grad():
+        default = block(u, seq_idx=seq_idx, return_final_states=True)
+        plain = block(u, return_final_states=True)
+        with span_len(None):                          # one pass over the whole sequence
+            single = block(u, seq_idx=seq_idx, return_final_states=True)
+            single_plain = block(u, return_final_states=True)
+    for a, b_, what in ((default, single, "seq_idx"), (plain, single_plain, "no seq_idx")):
+        # measured: equal
+        assert_rel(a[0], b_[0], 1e-15, f"output, in spans vs single pass, {what}")
+        assert_rel(a[1], b_[1], 1e-15, f"final state, in spans vs single pass, {what}")
+
+
+# =========================================================================================
+# ==== 8. hostile values: non-finite inputs, overflow, extreme decay
+# =========================================================================================
+
+@settings(PROPERTY, max_examples=30)
+@given(data=st.data())
+def test_non_finite_values_never_reach_earlier_tokens_or_other_segments(data):
+    """An output at t depends only on tokens <= t of its own segment and row, whatever the later
+    tokens hold: NaN or ±inf planted anywhere leaves every other output bit for bit as it was,
+    and the outputs it does reach are non-finite (the honest result)."""
+    l = data.draw(st.integers(1, 24), label="l")
+    chunk = data.draw(st.sampled_from([1, 3, 4, 8]), label="chunk")
+    learnable = data.draw(st.booleans(), label="learnable")
+    packed = data.draw(st.booleans(), label="packed")
+    block = make_block(seed=data.draw(st.integers(0, 99)), chunk_size=chunk, ngroups=2,
+                       learnable_init_states=learnable)
+    u = randn(2, l, 8, seed=l)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(l - 1, 1)), max_size=3))) \
+        if packed and l > 1 else []
+    seq_idx = None
+    if packed:
+        ids = [sum(t >= c for c in cuts) for t in range(l)]
+        seq_idx = torch.tensor([ids, [0] * l])
+    row, t = data.draw(st.integers(0, 1)), data.draw(st.integers(0, l - 1))
+    channel = data.draw(st.integers(0, 7))
+    value = data.draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    span = data.draw(st.sampled_from([1024, 5]))
+    with torch.no_grad(), span_len(span):
+        clean = block(u, seq_idx=seq_idx)
+        dirty = block(plant(u, row, t, channel, value), seq_idx=seq_idx)
+    seg = None if seq_idx is None else seq_idx[row]
+    reached = torch.zeros(2, l, dtype=torch.bool)
+    for s in range(l):
+        reached[row, s] = s >= t and (seg is None or seg[s] == seg[t])
+    assert torch.equal(dirty[~reached], clean[~reached])
+    assert not torch.isfinite(dirty[reached]).any()
+
+
+def test_non_finite_at_the_scan_stays_in_its_head_and_after_its_token():
+    x, dt = randn(1, 13, 4, 3), randn(1, 13, 4).abs() + 0.1
+    A, B, C = -randn(4).abs() - 0.1, randn(1, 13, 2, 5), randn(1, 13, 2, 5)
+    clean, s_clean = ssd(x, dt, A, B, C, 4, return_final_states=True)
+    x2 = x.clone()
+    x2[0, 6, 1, 2] = math.nan
+    dirty, s_dirty = ssd(x2, dt, A, B, C, 4, return_final_states=True)
+    assert torch.equal(dirty[:, :6], clean[:, :6])
+    assert torch.equal(dirty[:, :, [0, 2, 3]], clean[:, :, [0, 2, 3]])
+    assert not torch.isfinite(dirty[0, 6:, 1]).any() and not torch.isfinite(s_dirty[0, 1]).any()
+    assert torch.equal(s_dirty[0, [0, 2, 3]], s_clean[0, [0, 2, 3]])
+    for name, t in (("dt", dt), ("B", B), ("C", C)):     # the other inputs: the same rule
+        bad = t.clone()
+        bad.view(-1)[bad[0, :7].numel() - 1] = math.inf   # the last entry of token 6
+        y = ssd(**{**dict(x=x, dt=dt, A=A, B=B, C=C), name: bad}, chunk_size=4)
+        assert torch.equal(y[:, :6], clean[:, :6]), name
+
+
+def test_fp16_overflow_at_the_last_token_keeps_earlier_tokens():
+    block = make_block(seed=21, dtype=torch.float16, d_model=16, d_state=4, headdim=8,
+                       chunk_size=8)
+    u = randn(1, 12, 16, seed=22, dtype=torch.float16)
+    with torch.no_grad():
+        clean = block(u)
+        loud = u.clone()
+        loud[0, -1] = 6e4                                  # in_proj overflows fp16
+        out = block(loud)
+        assert not torch.isfinite(block.in_proj(loud)[0, -1]).all()
+    assert torch.equal(out[:, :-1], clean[:, :-1])
+
+
+def test_very_negative_A_finite_outputs_and_gradients():
+    """A_log = 10 (A = -22026): every decay underflows to 0 in fp32. Outputs (chunked, packed,
+    stepped) and all gradients stay finite (no inf - inf or 0 * inf anywhere), and the output
+    equals the float64 reference, which is then memoryless: h_t = dt_t x_t B_t^T."""
+    block = make_block(seed=10, dtype=torch.float32, d_model=16, d_state=4, headdim=8,
+                       chunk_size=8)
+    with torch.no_grad():
+        block.A_log.fill_(10.0)
+        block.dt_bias[0] = 4.0                     # one head with a large dt: dt * A ~ -1e5
+    u = randn(2, 37, 16, seed=11, dtype=torch.float32).requires_grad_()
+    seq_idx = torch.tensor([[0] * 10 + [1] * 27, [0] * 3 + [2] * 30 + [3] * 4])
+    h0 = randn(2, block.config.nheads, 8, 4, seed=12, dtype=torch.float32).requires_grad_()
+    block.train()
+    y, final = block(u, seq_idx=seq_idx, initial_states=h0, return_final_states=True)
+    ((y * randn(*y.shape, seed=13, dtype=torch.float32)).sum() + final.sum()).backward()
+    assert torch.isfinite(y).all() and torch.isfinite(final).all()
+    grads = {"u": u.grad, "h0": h0.grad, **{n: p.grad for n, p in block.named_parameters()}}
+    for name, g in grads.items():
+        assert g is not None and torch.isfinite(g).all(), name
+    y_ref, _ = reference_block(block, u, initial_states=h0, seq_idx=seq_idx)
+    assert_rel(y, y_ref, 3e-6, "fp32 vs the float64 reference")          # measured 2.4e-7
+    with torch.no_grad():
+        cache = block.allocate_inference_cache(2)
+        steps = torch.cat([block(u[:, t:t + 1].detach(), cache=cache) for t in range(12)], dim=1)
+        y_plain = block(u[:, :12].detach())
+    assert torch.isfinite(steps).all() and torch.isfinite(cache.ssm_state).all()
+    assert_rel(steps, y_plain, 3e-6, "stepped vs chunked")               # measured 2.7e-7
+
+
+def test_long_sequence_fp32_with_extreme_decay_is_finite_and_memoryless():
+    block = make_block(dtype=torch.float32, d_model=4, d_state=4, headdim=4, chunk_size=64,
+                       seed=26)
+    with torch.no_grad():
+        block.A_log.fill_(10.0)        # A = -22026
+        block.dt_bias.fill_(10.0)      # dt ~ 10: dt*A ~ -2e5 per token, exp underflows to 0
+    l, w = 2 ** 16, block.config.d_conv
+    u = randn(1, l, 4, seed=27, dtype=torch.float32)
+    with torch.no_grad():
+        y, state = block(u, return_final_states=True)
+        assert torch.isfinite(y).all() and torch.isfinite(state).all()
+        # With the state wiped at every token, y_t depends on the last d_conv inputs only: a short
+        # run over the tail reproduces the end of the long run once its conv window is full.
+        tail = block(u[:, -16:])
+    assert_rel(y[:, -16 + w - 1:], tail[:, w - 1:], 1e-6,                # measured: equal
+               "end of a 65536-token run vs a 16-token run")
+
+
+# =========================================================================================
+# ==== 9. higher-order gradients and explicit states
+# =========================================================================================
+
+def test_second_derivatives_through_scan_norm_and_loss():
+    b, l, h, p, g, n = 1, 7, 2, 2, 1, 2
+    leaves = [randn(b, l, h, p, seed=1), randn(b, l, h, seed=2).abs() + 0.1,
+              -randn(h, seed=3).abs() - 0.2, randn(b, l, g, n, seed=4), randn(b, l, g, n, seed=5),
+              randn(h, seed=6), randn(b, h, p, n, seed=7), randn(h, p, n, seed=8)]
+    leaves = [t.requires_grad_() for t in leaves]
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 2, 2]])
+
+    def scan(x, dt, A, B, C, D, h0, S0):
+        return mamba2._ssd(x, dt, A, B, C, 3, D, h0, seq_idx, S0)
+
+    assert torch.autograd.gradgradcheck(scan, leaves)
+    x, z, w = randn(3, 8, seed=9), randn(3, 8, seed=10), 1 + randn(8, seed=11) * 0.3
+    for gate_first in (False, True):
+        assert torch.autograd.gradgradcheck(
+            lambda x, z, w: rms_norm_gated(x, z, w, 1e-5, 4, gate_first),
+            [t.clone().requires_grad_() for t in (x, z, w)])
+    hid, wt = randn(5, 4, seed=12).requires_grad_(), randn(9, 4, seed=13).requires_grad_()
+    targets = torch.tensor([1, -100, 3, 0, 6])
+    assert torch.autograd.gradgradcheck(
+        lambda a, b: mamba2._LinearCrossEntropy.apply(a, b, targets, -100, 7), [hid, wt])
+
+
+@pytest.mark.parametrize("mem_eff", [True, False])
+def test_hessian_vector_product_of_the_block_equals_the_reference(mem_eff):
+    """grad(grad(loss) · v) through the block (memory-efficient checkpoint or not) equals the same
+    through the reference block (plain autograd, no custom Functions anywhere)."""
+    block = make_block(seed=25, use_mem_eff_path=mem_eff, learnable_init_states=True)
+    u = randn(2, 9, 8, seed=26).requires_grad_()
+    v = randn(2, 9, 8, seed=27)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+
+    def hvp(run):
+        (gu,) = torch.autograd.grad(run(u).square().sum(), u, create_graph=True)
+        return torch.autograd.grad((gu * v).sum(), u)[0]
+
+    got = hvp(lambda x: block(x, seq_idx=seq_idx))
+    want = hvp(lambda x: reference_block(block, x, seq_idx=seq_idx)[0])
+    # measured: 7.9e-15 absolute, 3.0e-14 relative
+    assert_close(got, want, rtol=2e-13, atol=2e-14, what="Hessian-vector product")
+
+
+def test_explicit_states_carry_gradients_like_the_whole_sequence():
+    """ssd in pieces through initial_states -> return_final_states has the whole sequence's
+    gradients."""
+    x, dt = randn(2, 17, 4, 3, seed=30), randn(2, 17, 4, seed=31).abs() + 0.1
+    A = -randn(4, seed=32).abs() - 0.1
+    B, C = randn(2, 17, 2, 5, seed=33), randn(2, 17, 2, 5, seed=34)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    w = randn(2, 17, 4, 3, seed=35)
+    whole = ssd(x, dt, A, B, C, 4)
+    g_whole = torch.autograd.grad((whole * w).sum(), leaves)
+    state, pieces = None, []
+    for s, e in [(0, 5), (5, 6), (6, 17)]:
+        y, state = ssd(x[:, s:e], dt[:, s:e], A, B[:, s:e], C[:, s:e], 4, initial_states=state,
+                       return_final_states=True)
+        pieces.append(y)
+    g_pieces = torch.autograd.grad((torch.cat(pieces, 1) * w).sum(), leaves)
+    for name, a, b in zip("x dt A B C".split(), g_pieces, g_whole):
+        # measured: 2.2e-15 absolute, 5.9e-14 relative
+        assert_close(a, b, rtol=4e-13, atol=4e-15, what=f"d/d{name}")
+
+
+# =========================================================================================
+# ==== 10. memory-efficient path, long inputs, low precision
+# =========================================================================================
+
+def test_mem_eff_path_same_outputs_and_gradients():
+    cfg = dict(ngroups=2, d_ssm=8, learnable_init_states=True, bias=True)
+    plain, eff = make_block(use_mem_eff_path=False, **cfg), make_block(use_mem_eff_path=True, **cfg)
+    eff.load_state_dict(plain.state_dict())
+    l = CPU_SPAN + 20                 # long enough to run in more than one span on CPU
+    u = randn(2, l, 8, seed=22)
+    seq_idx = packed_rows([l - 30, 30], [10, l - 10])
+    results = []
+    for block in (plain, eff):
+        x = u.clone().requires_grad_()
+        y, state = block(x, seq_idx=seq_idx, return_final_states=True)
+        (y * randn(*y.shape, seed=23)).sum().add(state.square().sum()).backward()
+        results.append((y, state, x.grad, {k: p.grad for k, p in block.named_parameters()}))
+    (y0, s0, gx0, g0), (y1, s1, gx1, g1) = results
+    assert torch.equal(y0, y1) and torch.equal(s0, s1)
+    assert torch.equal(gx0, gx1)
+    assert set(g0) == set(g1)
+    for name in g0:
+        assert g0[name] is not None and torch.equal(g0[name], g1[name]), name
+
+
+def test_mem_eff_path_saves_memory():
+    # Measured with l=2048, d_model=16, d_state=16, headdim=8 (torch 2.13, CPU): the plain path
+    # saves ~3.2 MB (the in_proj output, conv output, scan inputs and chunk states, norm
+    # inputs...), the memory-efficient path ~0.14 MB: only each span's input u and the weights
+    # (ratio 0.044, and 0.995x the minimum below). Two bounds with margin: under 60% of the plain
+    # path (the issue's requirement) and at most 1.1x what the checkpointed path fundamentally
+    # needs (u and the parameters; the in_proj output is recomputed too).
+    cfg = dict(d_model=16, d_state=16, headdim=8, chunk_size=64)
+    plain = make_block(dtype=torch.float32, use_mem_eff_path=False, **cfg)
+    eff = make_block(dtype=torch.float32, use_mem_eff_path=True, **cfg)
+    u = randn(1, 2048, 16, seed=24, dtype=torch.float32).requires_grad_()
+    plain_bytes, eff_bytes = saved_bytes(plain, u), saved_bytes(eff, u)
+    needed = (u.numel() + sum(p.numel() for p in eff.parameters())) * 4
+    assert eff_bytes < 0.6 * plain_bytes, (eff_bytes, plain_bytes)
+    assert eff_bytes <= 1.1 * needed, (eff_bytes, needed)
+
+
+def test_block_memory_grows_linearly_in_one_pass():
+    block = make_block(dtype=torch.float32, d_model=4, d_state=2, headdim=2, chunk_size=4,
+                       seed=29)
+    sizes = {}
+    with span_len(None):                  # no spans on CPU: the scan sees the whole input
+        for l in (1024, 4096):
+            u = randn(1, l, 4, seed=30, dtype=torch.float32)
+            with torch.no_grad(), TensorSizes() as sizes[l]:
+                block(u)
+    assert sizes[4096].largest <= 4.5 * sizes[1024].largest, (sizes[1024].largest,
+                                                               sizes[4096].largest)
+    assert sizes[4096].total <= 4.5 * sizes[1024].total, (sizes[1024].total, sizes[4096].total)
+
 
 def test_million_tokens_fp32_finite_and_equal_to_two_halves_through_cache():
-    """1,000,000 tokens through a tiny fp32 block: finite, and the same (up to fp32 rounding) as the two
-    halves run one after the other through an InferenceCache. (Blocks of 2^17 tokens keep the Python
-    overhead low; the result does not depend on the block length, see the property tests.)"""
-    block = _block(seed=3, dtype=torch.float32, d_model=16, d_state=4, headdim=8, expand=1, chunk_size=32)
+    """1,000,000 tokens through a tiny fp32 block: finite, and the same (up to fp32 rounding) as
+    the two halves run one after the other through an InferenceCache. (Spans of 2^17 tokens keep
+    the Python overhead low; the result does not depend on the span length, see the property
+    tests.)"""
+    block = make_block(seed=3, dtype=torch.float32, d_model=16, d_state=4, headdim=8, expand=1,
+                       chunk_size=32)
     L, half = 1_000_000, 500_000
-    u = _randn(1, L, 16, seed=4, dtype=torch.float32)
-    with torch.no_grad(), _seq_block_len(2 ** 17):
+    u = randn(1, L, 16, seed=4, dtype=torch.float32)
+    with torch.no_grad(), span_len(2 ** 17):
         y, final = block(u, return_final_states=True)
         assert torch.isfinite(y).all() and torch.isfinite(final).all()
         cache = block.allocate_inference_cache(1)
@@ -1544,28 +1829,49 @@ def test_million_tokens_fp32_finite_and_equal_to_two_halves_through_cache():
         fresh = block(u[:, half:half + 64])           # the second half without the carried state
     assert y.std() > 0.05
     scale = y.abs().max().item()
-    # Measured: bitwise equal (the halves' chunk boundaries fall on the whole run's); the tolerance only
-    # allows for a different order of fp32 rounding, far below the effect of a lost or doubled state.
-    torch.testing.assert_close(torch.cat([y1, y2], dim=1), y, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(cache.ssm_state, final, rtol=1e-4, atol=1e-5 * final.abs().max().item())
-    # the comparison is sensitive to the carried state: starting the second half afresh is visibly different
+    # Measured: bitwise equal (the halves' chunk boundaries fall on the whole run's); the
+    # tolerance only allows for a different order of fp32 rounding, far below the effect of a
+    # lost or doubled state.
+    assert_close(torch.cat([y1, y2], dim=1), y, rtol=1e-6, atol=1e-7 * scale, what="output")
+    assert_close(cache.ssm_state, final, rtol=1e-6, atol=1e-7 * final.abs().max().item(),
+                 what="final state")
+    # the comparison is sensitive to the carried state: starting the second half afresh differs
     assert (fresh[:, :8] - y[:, half:half + 8]).abs().max() > 1e-3 * scale
 
 
-def _loss_weights(shape, seed):
-    return _randn(*shape, seed=seed, dtype=torch.float32)
+def test_bfloat16_forward_close_to_float32():
+    cfg = dict(dtype=torch.float32, d_model=32, d_state=8, headdim=8, ngroups=2, chunk_size=16,
+               seed=42)
+    block32, block16 = make_block(**cfg), make_block(**cfg)
+    block16.to(torch.bfloat16)
+    with torch.no_grad():   # give the float32 reference the very same (bf16-rounded) weights, input
+        block32.load_state_dict({k: v.float() for k, v in block16.state_dict().items()})
+    u = randn(2, 40, 32, seed=43, dtype=torch.float32).bfloat16()
+    with torch.no_grad():
+        y16, s16 = block16(u, return_final_states=True)
+        y32, s32 = block32(u.float(), return_final_states=True)
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16).all()
+    # bf16 keeps 8 bits of mantissa (rounding 2^-9 ~ 2e-3 per op); in_proj, conv, gating and
+    # out_proj each round, the scan itself runs in fp32. Measured (norm-wise): output 4.1e-3,
+    # final state 2.9e-3; the bounds leave a 10x margin.
+    assert_norm_rel(y16, y32, 4e-2, "bf16 output")
+    assert_norm_rel(s16, s32, 3e-2, "bf16 final state")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_low_precision_forward_backward_close_to_fp32(dtype):
-    """bf16 / fp16 autocast on the CPU: forward and backward finite and close to fp32.
+    """bf16 / fp16 autocast on the CPU: forward and backward finite, every gradient non-zero, and
+    close to fp32 (the scan runs in fp32 either way, only the projections and the gating run in
+    low precision; bf16 keeps 8 mantissa bits, fp16 11).
 
-    Measured norm-relative errors (this config, torch 2.13 CPU): bf16 output 4.9e-3, gradients 4.8e-3 to
-    1.0e-2; fp16 output 6.0e-4, gradients 5.8e-4 to 2.1e-3. Bounds: output < 3e-2, each gradient < 1e-1 (bf16 keeps 8 mantissa bits, fp16 11; the
-    scan runs in fp32 either way, only the projections and the gating run in low precision)."""
-    block = _block(seed=5, dtype=torch.float32, d_model=32, d_state=8, headdim=8, ngroups=2, chunk_size=16)
-    u = _randn(2, 48, 32, seed=6, dtype=torch.float32)
-    w = _loss_weights((2, 48, 32), seed=7)
+    Measured norm-relative errors (this config, torch 2.13 CPU): bf16 output 5.7e-3, gradients
+    3.1e-3 (D) to 1.9e-2 (A_log); fp16 output 6.9e-4, gradients 6.1e-4 to 5.5e-3 (dt_bias). The
+    bounds, per dtype: about 10x (bf16 5x) the largest."""
+    out_tol, grad_tol = {torch.bfloat16: (3e-2, 1e-1), torch.float16: (7e-3, 6e-2)}[dtype]
+    block = make_block(seed=5, dtype=torch.float32, d_model=32, d_state=8, headdim=8, ngroups=2,
+                       chunk_size=16)
+    u = randn(2, 48, 32, seed=6, dtype=torch.float32)
+    w = randn(2, 48, 32, seed=7, dtype=torch.float32)
 
     def run(autocast):
         block.zero_grad(set_to_none=True)
@@ -1581,248 +1887,457 @@ def test_autocast_low_precision_forward_backward_close_to_fp32(dtype):
     y16, g16 = run(True)
     assert y16.dtype == dtype and y32.dtype == torch.float32
     assert torch.isfinite(y16.float()).all()
-    assert _norm_rel(y16, y32) < 3e-2
+    assert_norm_rel(y16, y32, out_tol, "output")
+    assert set(g16) == set(g32)
     for name, g in g16.items():
-        assert torch.isfinite(g).all(), name
-        assert _norm_rel(g, g32[name]) < 1e-1, (name, _norm_rel(g, g32[name]))
+        assert torch.isfinite(g).all() and g.abs().sum() > 0, name
+        assert_norm_rel(g, g32[name], grad_tol, f"gradient of {name}")
 
 
-@pytest.mark.parametrize("dt_limit", [(0.05, 0.2), (0.0, 0.1), (0.1, float("inf"))])
-def test_dt_limit_edges_equal_recurrence_with_clamped_dt(dt_limit):
-    """dt_limit clamps softplus(dt + dt_bias): the block (chunked and token-by-token through a cache) equals
-    the recurrence run with the clamped dt, and differs from the unclamped one."""
-    block = _block(seed=8, d_model=8, d_state=3, headdim=2, ngroups=2, chunk_size=5, dt_limit=dt_limit)
-    with torch.no_grad():
-        block.dt_bias.copy_(torch.linspace(-6.0, 3.0, block.config.nheads, dtype=F64))
-    u = _randn(2, 23, 8, seed=9)
+# =========================================================================================
+# ==== 11. config and initialisation
+# =========================================================================================
+
+def test_config_official_defaults():
+    c = Mamba2Config(d_model=768)
+    expected = dict(d_state=128, d_conv=4, conv_init=None, expand=2, headdim=64, ngroups=1,
+                    A_init_range=(1, 16), D_has_hdim=False, rmsnorm=True, norm_before_gate=False,
+                    dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, dt_limit=(0.0, float("inf")),
+                    bias=False, conv_bias=True, chunk_size=256, use_mem_eff_path=True,
+                    learnable_init_states=False)
+    assert {k: getattr(c, k) for k in expected} == expected
+    # mamba2-130m shapes
+    assert (c.d_inner, c.d_ssm, c.nheads, c.conv_dim, c.d_in_proj) == (1536, 1536, 24, 1792, 3352)
+    block = Mamba2(Mamba2Config(d_model=768, d_state=128, headdim=64, chunk_size=256),
+                   device="meta")
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items()}
+    assert shapes == {"in_proj.weight": (3352, 768), "conv1d.weight": (1792, 1, 4),
+                      "conv1d.bias": (1792,), "dt_bias": (24,), "A_log": (24,), "D": (24,),
+                      "norm.weight": (1536,), "out_proj.weight": (768, 1536)}
+
+
+def test_config_d_ssm_derived_sizes():
+    c = Mamba2Config(d_model=64, d_state=16, headdim=16, d_ssm=64, ngroups=2)
+    assert (c.d_inner, c.d_ssm, c.nheads, c.d_mlp) == (128, 64, 4, 64)
+    assert c.conv_dim == 64 + 2 * 2 * 16
+    assert c.d_in_proj == 2 * 128 + 2 * 2 * 16 + 4
+
+
+def test_official_keyword_form():
+    block = Mamba2(d_model=64, d_state=16, d_conv=4, expand=2, headdim=16)
     c = block.config
-    # the raw step sizes really cross the limits that are finite
-    d_mlp = c.d_inner - c.d_ssm
-    dt_raw = F.softplus(block.in_proj(u)[..., -c.nheads:] + block.dt_bias).detach()
-    assert dt_raw.min() < dt_limit[0] or dt_limit[0] == 0.0
-    assert dt_raw.max() > dt_limit[1] or math.isinf(dt_limit[1])
-    assert d_mlp == 0
+    assert (c.d_model, c.d_state, c.d_conv, c.expand, c.headdim, c.nheads) == (64, 16, 4, 2, 16, 8)
+    twin = Mamba2(Mamba2Config(d_model=64, d_state=16, d_conv=4, expand=2, headdim=16))
+    twin.load_state_dict(block.state_dict())
+    u = randn(1, 5, 64, seed=36, dtype=torch.float32)
     with torch.no_grad():
-        y, state = block(u, return_final_states=True)
-        cache = block.allocate_inference_cache(2)
-        steps = torch.cat([block(u[:, t:t + 1], cache=cache) for t in range(u.shape[1])], dim=1)
-    y_ref, s_ref = _reference_block(block, u)
-    y_unclamped, _ = _reference_block(block, u, clamp_dt=False)
-    assert _rel_err(y, y_ref) < 1e-10 and _rel_err(state, s_ref) < 1e-10
-    assert _rel_err(steps, y_ref) < 1e-10 and _rel_err(cache.ssm_state, s_ref) < 1e-10
-    assert _rel_err(y_unclamped, y_ref) > 1e-3
+        assert torch.equal(block(u), twin(u))
+    with pytest.raises(TypeError, match="not both"):
+        Mamba2(Mamba2Config(d_model=64), d_state=16)
+    assert Mamba2(64, d_state=16, headdim=16).config == c   # d_model positional, as official
 
 
-def test_very_negative_A_finite_outputs_and_gradients():
-    """A_log = 10 (A = -22026): every decay underflows to 0 in fp32. Outputs (chunked, packed, stepped) and
-    all gradients stay finite (no inf - inf or 0 * inf anywhere), and the output equals the float64
-    recurrence, which is then memoryless: h_t = dt_t x_t B_t^T."""
-    block = _block(seed=10, dtype=torch.float32, d_model=16, d_state=4, headdim=8, chunk_size=8)
-    with torch.no_grad():
-        block.A_log.fill_(10.0)
-        block.dt_bias[0] = 4.0                     # one head with a large dt: dt * A ~ -1e5
-    u = _randn(2, 37, 16, seed=11, dtype=torch.float32).requires_grad_()
-    seq_idx = torch.tensor([[0] * 10 + [1] * 27, [0] * 3 + [2] * 30 + [3] * 4])
-    h0 = _randn(2, block.config.nheads, 8, 4, seed=12, dtype=torch.float32).requires_grad_()
-    block.train()
-    y, final = block(u, seq_idx=seq_idx, initial_states=h0, return_final_states=True)
-    ((y * _loss_weights(y.shape, 13)).sum() + final.sum()).backward()
-    assert torch.isfinite(y).all() and torch.isfinite(final).all()
-    grads = {"u": u.grad, "h0": h0.grad, **{n: p.grad for n, p in block.named_parameters()}}
-    for name, g in grads.items():
-        assert g is not None and torch.isfinite(g).all(), name
-    y_ref, _ = _reference_block(block, u, h0=h0, seq_idx=seq_idx)
-    assert _rel_err(y, y_ref) < 1e-4
-    with torch.no_grad():
-        cache = block.allocate_inference_cache(2)
-        steps = torch.cat([block(u[:, t:t + 1].detach(), cache=cache) for t in range(12)], dim=1)
-        y_plain = block(u[:, :12].detach())
-    assert torch.isfinite(steps).all() and torch.isfinite(cache.ssm_state).all()
-    assert _rel_err(steps, y_plain) < 1e-4
+def test_state_dict_names():
+    base = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D",
+            "norm.weight", "out_proj.weight"}
+    assert set(Mamba2(d_model=16, d_state=4, headdim=8).state_dict()) == base
+    learnable = Mamba2(d_model=16, d_state=4, headdim=8, learnable_init_states=True)
+    assert set(learnable.state_dict()) == base | {"init_states"}
+    other = Mamba2(d_model=16, d_state=4, headdim=8, bias=True, conv_bias=False, rmsnorm=False)
+    assert set(other.state_dict()) == base - {"conv1d.bias", "norm.weight"} | {"in_proj.bias",
+                                                                               "out_proj.bias"}
 
 
-def test_ssd_state_bounded_over_a_million_tokens():
-    """The state carried through 1,000,000 tokens (ssd in pieces of 2^16, each continuing from the previous
-    final state) obeys the analytic bound |h| <= max|dt x B^T| / (1 - max_t exp(dt_t A)) per head, agrees
-    with the float64 run, and a recurrent ssd_step continuation from it equals the chunked continuation."""
-    h, p, n, piece, total = 2, 2, 2, 2 ** 16, 1_000_000
-    A32 = torch.tensor([-0.5, -0.05])
-    bounds, s32, s64 = torch.zeros(h, dtype=F64), torch.zeros(1, h, p, n), torch.zeros(1, h, p, n, dtype=F64)
-    for k, start in enumerate(range(0, total, piece)):
-        m = min(piece, total - start)
-        x = 0.5 + _uniform(1, m, h, p, lo=-1, hi=1, seed=100 + k, dtype=torch.float32)  # biased: the state grows
-        B = 0.5 + _uniform(1, m, 1, n, lo=-1, hi=1, seed=200 + k, dtype=torch.float32)
-        C = _uniform(1, m, 1, n, lo=-1, hi=1, seed=300 + k, dtype=torch.float32)
-        dt = _uniform(1, m, h, lo=1e-3, hi=1e-2, seed=400 + k, dtype=torch.float32)
-        _, s32 = ssd(x, dt, A32, B, C, 16, initial_states=s32, return_final_states=True)
-        _, s64 = ssd(x.double(), dt.double(), A32.double(), B.double(), C.double(), 16, initial_states=s64,
-                     return_final_states=True)
-        drive = (dt.double()[..., None, None] * x.double()[..., None] * B.double()[:, :, :, None, :]).abs()
-        max_decay = torch.exp(dt.double().min() * A32.double())                          # (h,)
-        bounds = torch.maximum(bounds, drive.amax(dim=(0, 1, 3, 4)) / (1 - max_decay))
-        assert torch.isfinite(s32).all()
-        assert (s32.double().abs().amax(dim=(0, 2, 3)) <= bounds * (1 + 1e-4)).all(), (k, s32, bounds)
-    assert s64.abs().max() > 1.0                                 # the state is far from trivial
-    assert _rel_err(s32, s64) < 1e-4                             # no drift over a million fp32 updates
-    # recurrent continuation: 200 ssd_step calls == chunked ssd from the same state
-    x = _randn(1, 200, h, p, seed=7)
-    dt = _uniform(1, 200, h, lo=1e-3, hi=1e-2, seed=8)
-    B, C = _randn(1, 200, 1, n, seed=9), _randn(1, 200, 1, n, seed=10)
-    y_chunk, s_chunk = ssd(x, dt, A32.double(), B, C, 64, initial_states=s64, return_final_states=True)
-    state = s64.clone()
-    y_step = torch.stack([ssd_step(x[:, t], dt[:, t], A32.double(), B[:, t], C[:, t], state)[0] for t in range(200)], 1)
-    assert _rel_err(y_step, y_chunk) < 1e-10 and _rel_err(state, s_chunk) < 1e-10
+def test_initialisation():
+    torch.manual_seed(37)
+    c = Mamba2Config(d_model=128, d_state=4, headdim=2, dt_min=1e-5, dt_max=0.1,
+                     dt_init_floor=1e-3, A_init_range=(2, 5), conv_init=0.05)
+    block = Mamba2(c)                                      # 128 heads
+    dt = F.softplus(block.dt_bias.detach().double())
+    assert dt.min() >= 1e-3 * (1 - 1e-5) and dt.max() <= 0.1 * (1 + 1e-5)
+    # log-uniform over [1e-5, 0.1]: about half of the draws fall under the floor and are raised
+    assert (dt < 1.001e-3).sum() >= 30 and (dt > 1e-2).sum() >= 10
+    A = -torch.exp(block.A_log.detach())
+    assert A.min() >= -5 * (1 + 1e-6) and A.max() <= -2 * (1 - 1e-6) and A.std() > 0.3
+    assert torch.equal(block.D.detach(), torch.ones(c.nheads))
+    w = block.conv1d.weight.detach()
+    assert w.abs().max() <= 0.05 and w.abs().max() > 0.04   # the default kaiming bound: 0.5
+    for p in (block.dt_bias, block.A_log, block.D):
+        assert getattr(p, "_no_weight_decay", False) is True
+    assert not getattr(block.in_proj.weight, "_no_weight_decay", False)
+    assert torch.equal(Mamba2(d_model=16, d_state=4, headdim=8, D_has_hdim=True).D.detach(),
+                       torch.ones(32))
 
 
-# ============================================================================ 3. input validation
+# =========================================================================================
+# ==== 12. input validation: named errors, and failing calls leave caches untouched
+# =========================================================================================
 
-def _cache_snapshot(cache):
-    caches = cache if isinstance(cache, (list, tuple)) else [cache]
-    return [(c.conv_state.clone(), c.ssm_state.clone()) for c in caches]
+# ------------------------------------------------------- config and functional core: one table
+
+def _config(**kw):
+    return lambda: Mamba2Config(**kw)
 
 
-def _assert_cache_unchanged(cache, snapshot):
-    caches = cache if isinstance(cache, (list, tuple)) else [cache]
-    for i, (c, (conv, ssm)) in enumerate(zip(caches, snapshot)):
-        assert torch.equal(c.conv_state, conv), f"layer {i}: conv_state changed by a failing call"
-        assert torch.equal(c.ssm_state, ssm), f"layer {i}: ssm_state changed by a failing call"
+def _cfg(**over):
+    return _config(**{"d_model": 16, "headdim": 8, **over})
 
+
+def _attn_cfg(**over):
+    return _config(d_model=32, n_layer=2, headdim=8, attn_layer_idx=[0],
+                   attn_cfg={**ATTN_CFG, **over})
+
+
+def _scan(**over):
+    kw = dict(x=randn(2, 6, 4, 3), dt=randn(2, 6, 4).abs() + 0.1, A=-randn(4).abs() - 0.1,
+              B=randn(2, 6, 2, 5), C=randn(2, 6, 2, 5), chunk_size=4)
+    kw.update(over)
+    return lambda: ssd(**kw)
+
+
+def _step(**over):
+    kw = dict(x=randn(2, 4, 3), dt=randn(2, 4).abs() + 0.1, A=-randn(4).abs() - 0.1,
+              B=randn(2, 2, 5), C=randn(2, 2, 5), state=randn(2, 4, 3, 5))
+    kw.update(over)
+    return lambda: ssd_step(**kw)
+
+
+def _conv(**over):
+    kw = dict(x=randn(2, 7, 6), weight=randn(6, 1, 4), bias=randn(6))
+    kw.update(over)
+    return lambda: causal_conv1d(**kw)
+
+
+def _conv_step(x, weight, state):
+    return lambda: causal_conv1d_step(x, weight, None, state)
+
+
+def _norm(**over):
+    kw = dict(x=randn(2, 5, 8), z=randn(2, 5, 8), weight=randn(8), group_size=4)
+    kw.update(over)
+    return lambda: rms_norm_gated(**kw)
+
+
+def _combined_zxbcdt():
+    return make_block(ngroups=2).in_proj(randn(2, 5, 8)).detach()
+
+
+def _combined(**over):
+    def call():
+        block = make_block(ngroups=2)
+        c = block.config
+        kw = dict(zxbcdt=_combined_zxbcdt(), conv1d_weight=block.conv1d.weight,
+                  conv1d_bias=block.conv1d.bias, dt_bias=block.dt_bias,
+                  A=-torch.exp(block.A_log), D=block.D, chunk_size=4, headdim=c.headdim,
+                  ngroups=c.ngroups, rmsnorm_weight=block.norm.weight,
+                  outproj_weight=block.out_proj.weight)
+        kw.update({k: (v() if callable(v) else v) for k, v in over.items()})
+        return mamba_split_conv1d_scan_combined(**kw)
+    return call
+
+
+BAD_CALLS = [   # (case, call, exception type, the argument the message names)
+    # config: impossible combinations
+    ("cfg headdim not dividing d_ssm", _config(d_model=10, headdim=3), ValueError, "headdim"),
+    ("cfg ngroups not dividing nheads", _cfg(ngroups=3), ValueError, "ngroups"),
+    ("cfg d_ssm > d_inner", _cfg(d_ssm=64), ValueError, "d_ssm"),
+    ("cfg d_ssm 0", _cfg(d_ssm=0), ValueError, "d_ssm"),
+    ("cfg d_model negative", _config(d_model=-8), ValueError, "d_model"),
+    ("cfg d_state 0", _cfg(d_state=0), ValueError, "d_state"),
+    ("cfg headdim negative", _cfg(headdim=-4), ValueError, "headdim"),
+    ("cfg d_conv 0", _cfg(d_conv=0), ValueError, "d_conv"),
+    ("cfg chunk_size 0", _cfg(chunk_size=0), ValueError, "chunk_size"),
+    ("cfg ngroups 0", _cfg(ngroups=0), ValueError, "ngroups"),
+    ("cfg expand 0", _cfg(expand=0), ValueError, "expand"),
+    ("cfg dt_min > dt_max", _cfg(dt_min=0.2, dt_max=0.1), ValueError, "dt_min"),
+    ("cfg dt_limit inverted", _cfg(dt_limit=(0.5, 0.1)), ValueError, "dt_limit"),
+    ("cfg A_init_range 0", _cfg(A_init_range=(0, 16)), ValueError, "A_init_range"),
+    ("cfg d_intermediate negative", _cfg(d_intermediate=-1), ValueError, "d_intermediate"),
+    ("cfg n_layer 0", _cfg(n_layer=0), ValueError, "n_layer"),
+    # config: fields of the wrong type or a non-finite value (a wrong type is also a ValueError)
+    ("cfg d_model float", _config(d_model=16.0), TypeError, "d_model"),
+    ("cfg d_ssm float", _cfg(d_ssm=16.0), TypeError, "d_ssm"),
+    ("cfg dt_min str", _cfg(dt_min="0.001"), TypeError, "dt_min"),
+    ("cfg dt_min None", _cfg(dt_min=None), TypeError, "dt_min"),
+    ("cfg dt_max inf", _cfg(dt_max=math.inf), ValueError, "dt_max"),
+    ("cfg dt_max nan", _cfg(dt_max=math.nan), ValueError, "dt_max"),
+    ("cfg dt_init_floor inf", _cfg(dt_init_floor=math.inf), ValueError, "dt_init_floor"),
+    ("cfg norm_epsilon str", _cfg(norm_epsilon="1e-5"), TypeError, "norm_epsilon"),
+    ("cfg norm_epsilon 0", _cfg(norm_epsilon=0.0), ValueError, "norm_epsilon"),
+    ("cfg conv_init str", _cfg(conv_init="0.1"), TypeError, "conv_init"),
+    ("cfg A_init_range strs", _cfg(A_init_range=("1", "16")), TypeError, "A_init_range"),
+    ("cfg A_init_range inf", _cfg(A_init_range=(1, math.inf)), ValueError, "A_init_range"),
+    ("cfg A_init_range 3", _cfg(A_init_range=(1, 2, 3)), TypeError, "A_init_range"),
+    ("cfg dt_limit None", _cfg(dt_limit=(0.1, None)), TypeError, "dt_limit"),
+    ("cfg dt_limit nan", _cfg(dt_limit=(math.nan, 1.0)), ValueError, "dt_limit"),
+    ("cfg rmsnorm str", _cfg(rmsnorm="false"), TypeError, "rmsnorm"),
+    ("cfg learnable str", _cfg(learnable_init_states="true"), TypeError,
+     "learnable_init_states"),
+    ("cfg bias int", _cfg(bias=1), TypeError, "bias"),
+    ("cfg tie None", _cfg(tie_embeddings=None), TypeError, "tie_embeddings"),
+    ("cfg d_intermediate bool", _cfg(d_intermediate=True), TypeError, "d_intermediate"),
+    ("cfg headdim bool", _cfg(headdim=True), TypeError, "headdim"),
+    ("cfg expand float", _cfg(expand=2.0), TypeError, "expand"),
+    ("cfg vocab float", _cfg(vocab_size=1.5), TypeError, "vocab_size"),
+    # config: attention layers of hybrid models
+    ("attn num_heads 3", _attn_cfg(num_heads=3), ValueError, "num_heads"),
+    ("attn num_heads None", _attn_cfg(num_heads=None), ValueError, "num_heads"),
+    ("attn num_heads_kv 3", _attn_cfg(num_heads_kv=3), ValueError, "num_heads_kv"),
+    ("attn rotary 3", _attn_cfg(rotary_emb_dim=3), ValueError, "rotary_emb_dim"),
+    ("attn rotary 64", _attn_cfg(rotary_emb_dim=64), ValueError, "rotary_emb_dim"),
+    ("attn causal str", _attn_cfg(causal="yes"), ValueError, "causal"),
+    ("attn softmax_scale 0", _attn_cfg(softmax_scale=0.0), ValueError, "softmax_scale"),
+    ("attn d_conv -1", _attn_cfg(d_conv=-1), ValueError, "d_conv"),
+    ("attn unknown key", _attn_cfg(window=8), ValueError, "window"),
+    ("attn layer out of range", _config(d_model=32, n_layer=2, headdim=8, attn_layer_idx=[2],
+                                        attn_cfg=ATTN_CFG), ValueError, "attn_layer_idx"),
+    # the scan
+    ("ssd dt broadcast", _scan(dt=randn(2, 6, 1).abs()), ValueError, "dt"),
+    ("ssd A broadcast", _scan(A=-torch.ones(1, dtype=F64)), ValueError, "A"),
+    ("ssd D broadcast", _scan(D=torch.ones(1, dtype=F64)), ValueError, "D"),
+    ("ssd D wrong p", _scan(D=torch.ones(4, 2, dtype=F64)), ValueError, "D"),
+    ("ssd x int", _scan(x=torch.ones(2, 6, 4, 3, dtype=torch.long)), TypeError, "x"),
+    ("ssd x rank", _scan(x=randn(6, 4, 3)), ValueError, "x"),
+    ("ssd B groups", _scan(B=randn(2, 6, 3, 5), C=randn(2, 6, 3, 5)), ValueError, "B"),
+    ("ssd C shape", _scan(C=randn(2, 6, 2, 4)), ValueError, "C"),
+    ("ssd B broadcast batch", _scan(B=randn(1, 6, 2, 5)), ValueError, "B"),
+    ("ssd seq_idx float", _scan(seq_idx=torch.zeros(2, 6)), TypeError, "seq_idx"),
+    ("ssd seq_idx uint8", _scan(seq_idx=torch.tensor([[0, 1, 0, 0, 0, 0]] * 2,
+                                                     dtype=torch.uint8)), TypeError, "seq_idx"),
+    ("ssd seq_idx decreasing", _scan(seq_idx=torch.tensor([[0, 1, 1, 0, 0, 0]] * 2)),
+     ValueError, "seq_idx"),
+    ("ssd seq_idx broadcast", _scan(seq_idx=torch.zeros(1, 6, dtype=torch.long)), ValueError,
+     "seq_idx"),
+    ("ssd initial_states", _scan(initial_states=randn(2, 4, 3, 4)), ValueError,
+     "initial_states"),
+    ("ssd chunk 0", _scan(chunk_size=0), ValueError, "chunk_size"),
+    ("ssd chunk -1", _scan(chunk_size=-1), ValueError, "chunk_size"),
+    ("ssd chunk 2.5", _scan(chunk_size=2.5), TypeError, "chunk_size"),
+    ("ssd chunk None", _scan(chunk_size=None), TypeError, "chunk_size"),
+    ("ssd chunk True", _scan(chunk_size=True), TypeError, "chunk_size"),
+    ("ssd_step dt broadcast", _step(dt=randn(2, 1).abs()), ValueError, "dt"),
+    ("ssd_step D broadcast", _step(D=torch.ones(1, dtype=F64)), ValueError, "D"),
+    ("ssd_step state", _step(state=randn(2, 4, 3, 4)), ValueError, "state"),
+    ("ssd_step state expanded", _step(state=randn(1, 4, 3, 5).expand(2, 4, 3, 5)), ValueError,
+     "state"),
+    ("ssd_step x int", _step(x=torch.ones(2, 4, 3, dtype=torch.int32)), TypeError, "x"),
+    # the convolution
+    ("conv state width w-1", _conv(state=randn(2, 6, 3)), ValueError, "state"),
+    ("conv weight", _conv(weight=randn(6, 2, 4)), ValueError, "weight"),
+    ("conv weight channels", _conv(weight=randn(5, 1, 4)), ValueError, "weight"),
+    ("conv bias", _conv(bias=randn(1)), ValueError, "bias"),
+    ("conv x int", _conv(x=torch.ones(2, 7, 6, dtype=torch.long)), TypeError, "x"),
+    ("conv seq_idx", _conv(seq_idx=torch.zeros(2, 6, dtype=torch.long)), ValueError, "seq_idx"),
+    ("conv step state", _conv_step(randn(2, 6), randn(6, 1, 4), randn(2, 6, 3)), ValueError,
+     "state"),
+    ("conv step x", _conv_step(randn(2, 5), randn(6, 1, 4), randn(2, 6, 4)), ValueError,
+     "weight"),
+    ("conv step state expanded", _conv_step(randn(2, 6), randn(6, 1, 4),
+                                            randn(1, 6, 4).expand(2, 6, 4)), ValueError, "state"),
+    # the norm
+    ("norm z broadcast", _norm(z=randn(1, 1, 8)), ValueError, "z"),
+    ("norm weight", _norm(weight=randn(1)), ValueError, "weight"),
+    ("norm group_size", _norm(group_size=3), ValueError, "group_size"),
+    ("norm eps 0", _norm(eps=0.0), ValueError, "eps"),
+    ("norm x int", _norm(x=torch.ones(2, 5, 8, dtype=torch.long)), TypeError, "x"),
+    ("RMSNormGated group_size", lambda: RMSNormGated(10, group_size=4), ValueError,
+     "group_size"),
+    # the official fused entry point
+    ("combined ngroups", _combined(ngroups=4), ValueError, "ngroups"),
+    ("combined ngroups 3", _combined(ngroups=3), ValueError, "ngroups"),
+    ("combined extra columns", _combined(zxbcdt=lambda: F.pad(_combined_zxbcdt(), (0, 2))),
+     ValueError, "outproj_weight"),
+    ("combined odd columns", _combined(zxbcdt=lambda: F.pad(_combined_zxbcdt(), (0, 1))),
+     ValueError, "zxbcdt"),
+    ("combined dt_limit inverted", _combined(dt_limit=(0.5, 0.1)), ValueError, "dt_limit"),
+    ("combined chunk 0", _combined(chunk_size=0), ValueError, "chunk_size"),
+    ("combined D broadcast", _combined(D=torch.ones(1, dtype=F64)), ValueError, "D"),
+    ("combined A broadcast", _combined(A=-torch.ones(1, dtype=F64)), ValueError, "A"),
+    ("combined no headdim", _combined(headdim=None), TypeError, "headdim"),
+    ("combined activation", _combined(activation="relu"), ValueError, "activation"),
+    ("combined rmsnorm_weight", _combined(rmsnorm_weight=torch.ones(3, dtype=F64)), ValueError,
+     "rmsnorm_weight"),
+]
+
+
+@pytest.mark.parametrize("case, call, exc, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_gets_a_named_error(case, call, exc, name):
+    with pytest.raises(exc, match=rf"\b{name}\b") as info:
+        call()
+    if case.startswith("cfg") and exc is TypeError:   # either except clause catches it
+        assert isinstance(info.value, ValueError)
+
+
+# --------------------------------------------------------------------- block inputs and caches
 
 @pytest.fixture(scope="module")
 def robust_block():
-    return _block(seed=20, dtype=torch.float32, d_model=16, d_state=4, headdim=8, chunk_size=4)
+    return make_block(seed=20, dtype=torch.float32, d_model=16, d_state=4, headdim=8,
+                      chunk_size=4)
 
 
-def _used_cache(block, b, seed):
-    """A cache in a non-trivial state (after a few tokens)."""
-    cache = block.allocate_inference_cache(b)
-    with torch.no_grad():
-        block(_randn(b, 5, block.config.d_model, seed=seed, dtype=block.in_proj.weight.dtype), cache=cache)
-    return cache
-
-
-# (case, exception, argument the message must name)
-_BLOCK_CASES = [
-    ("u_rank2", ValueError, "u"), ("u_rank4", ValueError, "u"), ("u_d_model", ValueError, "u"),
-    ("u_int", TypeError, "u"), ("u_float64", TypeError, "u"), ("u_list", TypeError, "u"),
-    ("seq_idx_len", ValueError, "seq_idx"), ("seq_idx_broadcast_batch", ValueError, "seq_idx"),
-    ("seq_idx_float", TypeError, "seq_idx"), ("seq_idx_bool", TypeError, "seq_idx"),
-    ("seq_idx_decreasing", ValueError, "seq_idx"),
-    ("cu_seqlens_end", ValueError, "cu_seqlens"), ("cu_seqlens_start", ValueError, "cu_seqlens"),
-    ("cu_seqlens_decreasing", ValueError, "cu_seqlens"), ("cu_seqlens_2d", TypeError, "cu_seqlens"),
-    ("initial_states_shape", ValueError, "initial_states"),
-    ("initial_states_broadcast_batch", ValueError, "initial_states"),
-    ("initial_states_int", TypeError, "initial_states"),
-]
-
-
-@pytest.mark.parametrize("case, exc, name", _BLOCK_CASES)
-def test_block_rejects_bad_inputs_and_leaves_cache_untouched(robust_block, case, exc, name):
-    c = robust_block.config
-    u = _randn(2, 6, 16, seed=21, dtype=torch.float32)
+def _block_inputs(block):
+    c = block.config
+    u = randn(2, 6, 16, seed=21, dtype=torch.float32)
     ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 3, 3, 3]])
-    h0 = _randn(2, c.nheads, c.headdim, c.d_state, seed=22, dtype=torch.float32)
-    bad = {
-        "u_rank2": dict(u=u[0]), "u_rank4": dict(u=u[None]), "u_d_model": dict(u=u[..., :15]),
-        "u_int": dict(u=u.long()), "u_float64": dict(u=u.double()), "u_list": dict(u=u.tolist()),
-        "seq_idx_len": dict(seq_idx=ids[:, :5]), "seq_idx_broadcast_batch": dict(seq_idx=ids[:1]),
-        "seq_idx_float": dict(seq_idx=ids.float()), "seq_idx_bool": dict(seq_idx=ids.bool()),
-        "seq_idx_decreasing": dict(seq_idx=ids.flip(1)),
-        "cu_seqlens_end": dict(u=u[:1], cu_seqlens=torch.tensor([0, 2, 5])),
-        "cu_seqlens_start": dict(u=u[:1], cu_seqlens=torch.tensor([1, 2, 6])),
-        "cu_seqlens_decreasing": dict(u=u[:1], cu_seqlens=torch.tensor([0, 4, 2, 6])),
-        "cu_seqlens_2d": dict(u=u[:1], cu_seqlens=torch.tensor([[0, 2, 6]])),
-        "initial_states_shape": dict(initial_states=h0[..., :-1]),
-        "initial_states_broadcast_batch": dict(initial_states=h0[:1]),
-        "initial_states_int": dict(initial_states=h0.long()),
-    }[case]
-    kwargs = {"u": u, **bad}
+    h0 = randn(2, c.nheads, c.headdim, c.d_state, seed=22, dtype=torch.float32)
+    return types.SimpleNamespace(u=u, ids=ids, h0=h0, cu=torch.tensor([0, 2, 6]))
+
+
+# case -> (exception, the argument named, the bad keyword arguments, the same for one token (the
+# recurrent step path with a cache) or None). u is (2, 6, 16) fp32, ids (2, 6), h0 (2, 2, 8, 4).
+BAD_BLOCK_INPUTS = {
+    "u rank 2": (ValueError, "u", lambda t: dict(u=t.u[0]), lambda t: dict(u=t.u[0, :1])),
+    "u rank 4": (ValueError, "u", lambda t: dict(u=t.u[None]), None),
+    "u d_model": (ValueError, "u", lambda t: dict(u=t.u[..., :15]),
+                  lambda t: dict(u=t.u[:, :1, :15])),
+    "u int": (TypeError, "u", lambda t: dict(u=t.u.long()), lambda t: dict(u=t.u[:, :1].long())),
+    "u float64 into fp32": (TypeError, "u", lambda t: dict(u=t.u.double()),
+                            lambda t: dict(u=t.u[:, :1].double())),
+    "u bfloat16 into fp32": (TypeError, "u", lambda t: dict(u=t.u.bfloat16()),
+                             lambda t: dict(u=t.u[:, :1].bfloat16())),
+    "u list": (TypeError, "u", lambda t: dict(u=t.u.tolist()), None),
+    "u no tokens": (ValueError, "u", lambda t: dict(u=t.u[:, :0]), None),
+    "u batch 0": (ValueError, "u", lambda t: dict(u=t.u[:0]), None),
+    "seq_idx length": (ValueError, "seq_idx", lambda t: dict(seq_idx=t.ids[:, :5]),
+                       lambda t: dict(u=t.u[:, :1], seq_idx=t.ids)),
+    "seq_idx broadcast batch": (ValueError, "seq_idx", lambda t: dict(seq_idx=t.ids[:1]), None),
+    "seq_idx float": (TypeError, "seq_idx", lambda t: dict(seq_idx=t.ids.double()), None),
+    "seq_idx bool": (TypeError, "seq_idx", lambda t: dict(seq_idx=t.ids.bool()), None),
+    "seq_idx decreasing": (ValueError, "seq_idx", lambda t: dict(seq_idx=t.ids.flip(1)), None),
+    "cu_seqlens end": (ValueError, "cu_seqlens",
+                       lambda t: dict(u=t.u[:1], cu_seqlens=torch.tensor([0, 2, 5])), None),
+    "cu_seqlens start": (ValueError, "cu_seqlens",
+                         lambda t: dict(u=t.u[:1], cu_seqlens=torch.tensor([1, 2, 6])), None),
+    "cu_seqlens decreasing": (ValueError, "cu_seqlens",
+                              lambda t: dict(u=t.u[:1], cu_seqlens=torch.tensor([0, 4, 2, 6])),
+                              None),
+    "cu_seqlens 2-D": (TypeError, "cu_seqlens",
+                       lambda t: dict(u=t.u[:1], cu_seqlens=t.cu[None]), None),
+    "cu_seqlens float": (TypeError, "cu_seqlens",
+                         lambda t: dict(u=t.u[:1], cu_seqlens=t.cu.float()), None),
+    "cu_seqlens int8": (TypeError, "cu_seqlens",
+                        lambda t: dict(u=t.u[:1], cu_seqlens=t.cu.to(torch.int8)), None),
+    "cu_seqlens list": (TypeError, "cu_seqlens",
+                        lambda t: dict(u=t.u[:1], cu_seqlens=t.cu.tolist()), None),
+    "cu_seqlens with batch 2": (ValueError, "cu_seqlens", lambda t: dict(cu_seqlens=t.cu), None),
+    "cu_seqlens and seq_idx": (ValueError, "cu_seqlens",
+                               lambda t: dict(u=t.u[:1], seq_idx=t.ids[:1], cu_seqlens=t.cu),
+                               None),
+    "initial_states shape": (ValueError, "initial_states",
+                             lambda t: dict(initial_states=t.h0[..., :-1]), None),
+    "initial_states broadcast batch": (ValueError, "initial_states",
+                                       lambda t: dict(initial_states=t.h0[:1]), None),
+    "initial_states int": (TypeError, "initial_states",
+                           lambda t: dict(initial_states=t.h0.long()), None),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BLOCK_INPUTS))
+def test_block_rejects_bad_inputs_and_leaves_cache_untouched(robust_block, case):
+    """Each bad argument is refused with an error naming it; the same call with a cache attached
+    (minus initial_states, which a cache replaces), chunked and, where it applies, as a single
+    token (the recurrent step), is refused the same way and leaves the cache as it was."""
+    exc, name, bad, bad_step = BAD_BLOCK_INPUTS[case]
+    t = _block_inputs(robust_block)
+    kwargs = {"u": t.u, **bad(t)}
     with pytest.raises(exc, match=rf"\b{name}\b"):
         robust_block(**kwargs)
-    # the same call with a cache (minus initial_states, which a cache replaces) must not touch the cache
-    if not case.startswith("initial_states"):
-        b = kwargs["u"].shape[0] if isinstance(kwargs["u"], torch.Tensor) and kwargs["u"].dim() == 3 else 2
-        cache = _used_cache(robust_block, b, seed=23)
-        snap = _cache_snapshot(cache)
+    if name == "initial_states":
+        return
+    x = kwargs["u"]
+    b = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] else 2
+    cache = used_cache(robust_block, b, seed=23)
+    snap = cache_snapshot(cache)
+    for call in [kwargs] + ([{"u": t.u[:, :1], **bad_step(t)}] if bad_step else []):
         with pytest.raises(exc, match=rf"\b{name}\b"):
-            robust_block(**kwargs, cache=cache)
-        _assert_cache_unchanged(cache, snap)
+            robust_block(**call, cache=cache)
+        assert_cache_unchanged(cache, snap)
 
 
-_BLOCK_CACHE_CASES = [
-    ("batch", ValueError), ("wrong_d_state", ValueError), ("wrong_d_conv_only", ValueError),
-    ("meta_device", ValueError), ("float16", TypeError), ("float64", TypeError), ("not_a_cache", TypeError),
-    ("with_initial_states", ValueError),
-]
+# case -> the argument the message names
+BAD_BLOCK_CACHES = {
+    "allocated for batch 2, used with 3": "cache", "allocated for batch 3, used with 1": "cache",
+    "wrong d_state": "cache", "wrong d_conv only": "cache", "meta device": "cache",
+    "float16": "cache", "float64": "cache", "not a cache": "cache",
+    "with initial_states": "initial_states",
+}
 
 
-@pytest.mark.parametrize("case, exc", _BLOCK_CACHE_CASES)
-def test_block_rejects_bad_cache_and_leaves_it_untouched(robust_block, case, exc):
-    """A cache for another batch size, config, device or dtype is refused (nothing silently broadcast or
-    cast) and left exactly as it was."""
+@pytest.mark.parametrize("case", list(BAD_BLOCK_CACHES))
+def test_block_rejects_bad_cache_and_leaves_it_untouched(robust_block, case):
+    """A cache for another batch size, config, device or dtype is refused (nothing silently
+    broadcast or cast) and left exactly as it was, on the chunked and the single-token path."""
     c = robust_block.config
-    u = _randn(3, 4, 16, seed=24, dtype=torch.float32)
-    h0 = _randn(3, c.nheads, c.headdim, c.d_state, seed=25, dtype=torch.float32)
+    u = randn(3, 4, 16, seed=24, dtype=torch.float32)
+    h0 = randn(3, c.nheads, c.headdim, c.d_state, seed=25, dtype=torch.float32)
     other = Mamba2Config(d_model=16, d_state=5, headdim=8)
     kwargs = {}
-    if case == "batch":
-        cache = _used_cache(robust_block, 2, seed=26)                               # allocated for 2, used with 3
-    elif case == "wrong_d_state":
+    if case == "allocated for batch 2, used with 3":
+        cache = used_cache(robust_block, 2, seed=26)
+    elif case == "allocated for batch 3, used with 1":
+        cache, u, h0 = used_cache(robust_block, 3, seed=26), u[:1], h0[:1]
+    elif case == "wrong d_state":
         cache = InferenceCache.alloc(3, other).reset()
-        cache.ssm_state.normal_(generator=_gen(1)), cache.conv_state.normal_(generator=_gen(2))
-    elif case == "wrong_d_conv_only":                  # ssm_state fits, conv_state does not: neither may change
-        cache = _used_cache(robust_block, 3, seed=27)
-        cache.conv_state = torch.randn(3, c.conv_dim, c.d_conv + 1, generator=_gen(3))
-    elif case == "meta_device":
+        cache.ssm_state.normal_(generator=gen(1)), cache.conv_state.normal_(generator=gen(2))
+    elif case == "wrong d_conv only":          # ssm_state fits, conv_state does not: neither moves
+        cache = used_cache(robust_block, 3, seed=27)
+        cache.conv_state = torch.randn(3, c.conv_dim, c.d_conv + 1, generator=gen(3))
+    elif case == "meta device":
         cache = InferenceCache.alloc(3, c, device="meta")
     elif case in ("float16", "float64"):
-        cache = _used_cache(robust_block, 3, seed=28)
+        cache = used_cache(robust_block, 3, seed=28)
         dtype = getattr(torch, case)
         cache = InferenceCache(cache.conv_state.to(dtype), cache.ssm_state.to(dtype))
-    elif case == "not_a_cache":
-        good = _used_cache(robust_block, 3, seed=29)
+    elif case == "not a cache":
+        good = used_cache(robust_block, 3, seed=29)
         cache = (good.conv_state, good.ssm_state)
     else:
-        cache = _used_cache(robust_block, 3, seed=30)
+        cache = used_cache(robust_block, 3, seed=30)
         kwargs = dict(initial_states=h0)
-    snap = None if case in ("meta_device", "not_a_cache") else _cache_snapshot(cache)
-    for x in (u, u[:, :1]):                                   # the chunked and the single-token path
-        with pytest.raises(exc, match=r"\bcache\b|\binitial_states\b"):
+    snap = None if case in ("meta device", "not a cache") else cache_snapshot(cache)
+    for x in (u, u[:, :1]):                                   # the chunked and the step path
+        with pytest.raises((ValueError, TypeError), match=rf"\b{BAD_BLOCK_CACHES[case]}\b"):
             with torch.no_grad():
                 robust_block(x, cache=cache, **kwargs)
         if snap is not None:
-            _assert_cache_unchanged(cache, snap)
+            assert_cache_unchanged(cache, snap)
 
+
+# --------------------------------------------------------------------------------- model inputs
 
 @pytest.fixture(scope="module")
-def vmodel():
-    torch.manual_seed(31)
-    cfg = Mamba2Config(d_model=16, n_layer=2, d_state=4, headdim=8, chunk_size=4, vocab_size=37,
-                       pad_vocab_size_multiple=8)
-    return _randomize(Mamba2LMHeadModel(cfg), 31).eval()
+def small_lm():
+    """A float64 2-layer model of SMALL_LM (vocabulary 37, padded to 40)."""
+    return lm_model(seed=3, **SMALL_LM)
 
 
-_MODEL_CASES = [
+BAD_MODEL_INPUTS = [
     ("ids_negative", ValueError, "input_ids"), ("ids_padded_vocab", ValueError, "input_ids"),
     ("ids_huge", ValueError, "input_ids"), ("ids_float", TypeError, "input_ids"),
-    ("ids_rank1", ValueError, "input_ids"), ("ids_empty", ValueError, "input_ids"),
+    ("ids_list", TypeError, "input_ids"), ("ids_rank1", ValueError, "input_ids"),
+    ("ids_empty", ValueError, "input_ids"), ("ids_batch0", ValueError, "input_ids"),
     ("seq_idx_shape", ValueError, "seq_idx"), ("seq_idx_decreasing", ValueError, "seq_idx"),
-    ("cache_batch", ValueError, "cache"), ("cache_float64", TypeError, "cache"),
+    ("cache_batch", ValueError, "cache"), ("cache_float32", TypeError, "cache"),
     ("cache_layers", TypeError, "cache"), ("cache_second_layer_bad", ValueError, "cache"),
-    ("num_last_tokens", ValueError, "num_last_tokens"),
+    ("num_last_tokens_negative", ValueError, "num_last_tokens"),
+    ("num_last_tokens_too_many", ValueError, "num_last_tokens"),
     ("labels_shape", ValueError, "labels"), ("labels_float", TypeError, "labels"),
-    ("labels_out_of_range", ValueError, "labels"), ("labels_with_num_last_tokens", ValueError, "labels"),
+    ("labels_out_of_range", ValueError, "labels"),
+    ("labels_with_num_last_tokens", ValueError, "labels"),
 ]
 
 
-@pytest.mark.parametrize("case, exc, name", _MODEL_CASES)
-def test_model_rejects_bad_inputs_and_leaves_every_layer_cache_untouched(vmodel, case, exc, name):
-    ids = torch.randint(0, 37, (3, 5), generator=_gen(32))
-    cache = vmodel.allocate_inference_cache(3)
+@pytest.mark.parametrize("case, exc, name", BAD_MODEL_INPUTS)
+def test_model_rejects_bad_inputs_and_leaves_every_layer_cache_untouched(small_lm, case, exc,
+                                                                         name):
+    model = small_lm
+    ids = torch.randint(0, 37, (3, 5), generator=gen(32))
+    cache = model.allocate_inference_cache(3)
     with torch.no_grad():
-        vmodel(torch.randint(0, 37, (3, 4), generator=_gen(33)), cache=cache)
+        model(torch.randint(0, 37, (3, 4), generator=gen(33)), cache=cache)
     kwargs = dict(input_ids=ids, cache=cache)
-    V = vmodel.config.padded_vocab_size
+    V = model.config.padded_vocab_size
     if case == "ids_negative":
         ids[1, 2] = -1
     elif case == "ids_padded_vocab":
@@ -1831,161 +2346,1617 @@ def test_model_rejects_bad_inputs_and_leaves_every_layer_cache_untouched(vmodel,
         ids[0, 0] = 10 ** 6
     elif case == "ids_float":
         kwargs["input_ids"] = ids.float()
+    elif case == "ids_list":
+        kwargs["input_ids"] = ids.tolist()
     elif case == "ids_rank1":
         kwargs["input_ids"] = ids[0]
     elif case == "ids_empty":
         kwargs["input_ids"] = ids[:, :0]
+    elif case == "ids_batch0":
+        kwargs.update(input_ids=ids[:0], cache=None)
     elif case == "seq_idx_shape":
-        kwargs["seq_idx"] = torch.zeros(1, 5, dtype=torch.long)               # would broadcast over the batch
+        kwargs["seq_idx"] = torch.zeros(1, 5, dtype=torch.long)      # would broadcast
     elif case == "seq_idx_decreasing":
         kwargs["seq_idx"] = torch.tensor([[0, 0, 1, 1, 0]] * 3)
     elif case == "cache_batch":
-        small = vmodel.allocate_inference_cache(2)                           # allocated for 2, used with 3
-        kwargs["cache"] = cache = small
-    elif case == "cache_float64":
-        kwargs["cache"] = cache = vmodel.allocate_inference_cache(3, dtype=F64)
+        kwargs["cache"] = cache = model.allocate_inference_cache(2)  # for 2, used with 3
+    elif case == "cache_float32":
+        kwargs["cache"] = cache = model.allocate_inference_cache(3, dtype=torch.float32)
     elif case == "cache_layers":
         kwargs["cache"] = cache = cache[:1]
-    elif case == "cache_second_layer_bad":                                   # layer 0 fine, layer 1 not
+    elif case == "cache_second_layer_bad":                           # layer 0 fine, layer 1 not
         cache[1] = InferenceCache(cache[1].conv_state, cache[1].ssm_state[:, :, :, :-1].clone())
-    elif case == "num_last_tokens":
+    elif case == "num_last_tokens_negative":
         kwargs["num_last_tokens"] = -1
+    elif case == "num_last_tokens_too_many":
+        kwargs["num_last_tokens"] = 6                                 # 5 tokens
     elif case == "labels_shape":
         kwargs["labels"] = ids[:, 1:]
     elif case == "labels_float":
         kwargs["labels"] = ids.float()
     elif case == "labels_out_of_range":
-        kwargs["labels"] = ids.clone().index_fill_(1, torch.tensor([3]), -5)   # only -100 means "ignore"
+        kwargs["labels"] = ids.clone().index_fill_(1, torch.tensor([3]), -5)   # only -100 ignores
     elif case == "labels_with_num_last_tokens":
         kwargs.update(labels=ids, num_last_tokens=1)
-    snap = _cache_snapshot(cache)
+    snap = cache_snapshot(cache)
     with pytest.raises(exc, match=rf"\b{name}\b"):
         with torch.no_grad():
-            vmodel(**kwargs)
-    _assert_cache_unchanged(cache, snap)
+            model(**kwargs)
+    assert_cache_unchanged(cache, snap)
     if case == "ids_padded_vocab":   # the largest real token id is valid
-        ids[2, 4] = vmodel.config.vocab_size - 1
+        ids[2, 4] = model.config.vocab_size - 1
         with torch.no_grad():
-            assert vmodel(ids).shape == (3, 5, V)
+            assert model(ids).shape == (3, 5, V)
+    if case == "num_last_tokens_too_many":
+        with torch.no_grad():
+            assert model(ids, num_last_tokens=5).shape == (3, 5, V)
 
 
-@pytest.mark.parametrize("kw, name", [
-    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_p=float("nan")), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"),
-    (dict(min_p=-0.01), "min_p"), (dict(min_p=1.01), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(repetition_penalty=-2.0), "repetition_penalty"),
-    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
-    (dict(attention_mask=torch.ones(3, 6, dtype=torch.long)), "attention_mask"),
-    (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), "attention_mask"),      # no broadcast
-    (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 0], [1] * 5, [1] * 5])), "attention_mask"),  # right pad
-    (dict(attention_mask=torch.tensor([[0, 1, 0, 1, 1], [1] * 5, [1] * 5])), "attention_mask"),  # hole
-    (dict(attention_mask=torch.tensor([[0, 0, 2, 1, 1], [1] * 5, [1] * 5])), "attention_mask"),  # not 0/1
-    (dict(attention_mask=torch.tensor([[0] * 5, [1] * 5, [1] * 5])), "attention_mask"),      # empty row
-    (dict(eos_token_id=-3), "eos_token_id"),
-])
-def test_generate_rejects_bad_arguments(vmodel, kw, name):
-    ids = torch.randint(0, 37, (3, 5), generator=_gen(34))
-    with pytest.raises(ValueError, match=rf"\b{name}\b"):
-        vmodel.generate(ids, **{"max_new_tokens": 2, **kw})
-
-
-def test_generate_rejects_bad_input_ids(vmodel):
-    ids = torch.randint(0, 37, (2, 4), generator=_gen(35))
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.float32,
+                                   torch.bool])
+def test_token_ids_of_a_small_or_wrong_dtype_are_named(small_lm, dtype):
+    ids = torch.randint(0, 30, (2, 5), generator=gen(1))
     with pytest.raises(TypeError, match="input_ids"):
-        vmodel.generate(ids.float(), max_new_tokens=1)
-    for bad in (-1, vmodel.config.padded_vocab_size):
-        wrong = ids.clone()
-        wrong[1, 1] = bad
-        with pytest.raises(ValueError, match="input_ids"):
-            vmodel.generate(wrong, max_new_tokens=1)
+        small_lm(ids.to(dtype))
+    with pytest.raises(TypeError, match="input_ids"):
+        small_lm.generate(ids.to(dtype), max_new_tokens=1)
+    with pytest.raises(TypeError, match="labels"):
+        small_lm(ids, labels=ids.to(dtype))
 
 
-def _small_lm(seed=0, **kw) -> Mamba2LMHeadModel:
-    # d_model 32: d_inner 64 (see test_save_pretrained_round_trip_with_small_d_model for d_model 16)
-    cfg = dict(d_model=32, n_layer=2, d_state=4, headdim=8, chunk_size=8, vocab_size=37, pad_vocab_size_multiple=8)
-    torch.manual_seed(seed)
-    return _randomize(Mamba2LMHeadModel(Mamba2Config(**{**cfg, **kw})), seed).eval()
+def test_one_cache_shared_by_two_layers_is_refused(small_lm):
+    ids = torch.randint(0, 30, (1, 4), generator=gen(3))
+    cache = small_lm.allocate_inference_cache(1)
+    shared = [cache[0], cache[0]]
+    snap = cache_snapshot(shared)
+    with pytest.raises(ValueError, match="cache"):
+        small_lm(ids, cache=shared)
+    assert_cache_unchanged(shared, snap)
+    halves = [InferenceCache(cache[0].conv_state, cache[1].ssm_state), cache[1]]
+    with pytest.raises(ValueError, match="share memory"):
+        small_lm(ids, cache=halves)
 
 
-def test_save_pretrained_round_trip_with_small_d_model(tmp_path):
-    """A model whose d_inner is not a multiple of the default headdim 64 must save and load like any other."""
-    model = _small_lm(seed=36, d_model=16)
+@pytest.mark.parametrize("length", [1, 4], ids=["step", "prompt"])
+@pytest.mark.parametrize("case", ["expanded_conv", "strided_slices", "inference_mode_with_grad",
+                                  "requires_grad", "layer_k_raises"])
+def test_failed_call_leaves_every_cache_as_it_was(small_lm, case, length, monkeypatch):
+    model = small_lm
+    b = 2
+    cache = used_cache(model, b, seed=5)
+    ids = torch.randint(0, 30, (b, length), generator=gen(6))
+    grad, message = False, "cache"
+    if case == "expanded_conv":
+        cache[1] = InferenceCache(cache[1].conv_state[:1].expand(b, -1, -1), cache[1].ssm_state)
+    elif case == "strided_slices":
+        big = torch.zeros(b, cache[1].ssm_state.shape[1] * 2, *cache[1].ssm_state.shape[2:],
+                          dtype=F64)
+        big[:, ::2] = cache[1].ssm_state
+        cache[1] = InferenceCache(cache[1].conv_state, big[:, ::2])
+    elif case == "inference_mode_with_grad":
+        with torch.inference_mode():
+            made = model.allocate_inference_cache(b)
+        cache[1] = made[1]
+        grad = True
+    elif case == "requires_grad":
+        cache[1] = InferenceCache(cache[1].conv_state, cache[1].ssm_state.clone().requires_grad_())
+    else:
+        def boom(*a, **k):
+            raise RuntimeError("layer 1 failed")
+        monkeypatch.setattr(model.backbone.layers[1].mixer, "_through_cache", boom)
+        message = "layer 1 failed"
+    snap = cache_snapshot(cache)
+    with torch.set_grad_enabled(grad):
+        with pytest.raises(ValueError if message == "cache" else RuntimeError, match=message):
+            model(ids, cache=cache)
+    assert_cache_unchanged(cache, snap)
+
+
+def test_failed_lm_head_leaves_caches_as_they_were(small_lm, monkeypatch):
+    """The caches move on only when the whole call succeeds, the head included."""
+    cache = used_cache(small_lm, 1, seed=7)
+    snap = cache_snapshot(cache)
+
+    def boom(*a, **k):
+        raise RuntimeError("head failed")
+    monkeypatch.setattr(small_lm.lm_head, "forward", boom)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="head failed"):
+        small_lm(torch.tensor([[3]]), cache=cache)
+    assert_cache_unchanged(cache, snap)
+
+
+def test_classification_mask_with_two_runs_is_refused():
+    clf = Mamba2ForSequenceClassification(Mamba2Config(d_model=16, n_layer=1, d_state=4,
+                                                       headdim=8, vocab_size=20), dtype=F64)
+    ids = torch.randint(0, 20, (2, 6), generator=gen(4))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="attention_mask"):
+        clf(ids, attention_mask=mask)
+    out = clf(ids, attention_mask=torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]))
+    assert out.shape == (2, 2) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------ generation arguments
+
+BAD_GENERATE_ARGUMENTS = [
+    (dict(temperature=-0.1), "temperature"), (dict(temperature=-0.5), "temperature"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=float("nan")), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(top_k=2.0), "top_k"),
+    (dict(min_p=-0.01), "min_p"), (dict(min_p=-0.1), "min_p"), (dict(min_p=1.01), "min_p"),
+    (dict(min_p=1.5), "min_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(repetition_penalty=-1.0), "repetition_penalty"),
+    (dict(repetition_penalty=-2.0), "repetition_penalty"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+    (dict(attention_mask=torch.ones(3, 6, dtype=torch.long)), "attention_mask"),     # length
+    (dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), "attention_mask"),     # batch
+    (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), "attention_mask"),     # broadcast
+    # masks with right padding, a hole, a value not 0/1, a row without a real token
+    (dict(attention_mask=torch.tensor([[1, 1, 1, 1, 0], [1] * 5, [1] * 5])), "attention_mask"),
+    (dict(attention_mask=torch.tensor([[0, 1, 0, 1, 1], [1] * 5, [1] * 5])), "attention_mask"),
+    (dict(attention_mask=torch.tensor([[0, 0, 2, 1, 1], [1] * 5, [1] * 5])), "attention_mask"),
+    (dict(attention_mask=torch.tensor([[0] * 5, [1] * 5, [1] * 5])), "attention_mask"),
+    (dict(eos_token_id=-3), "eos_token_id"),
+]
+
+
+@pytest.mark.parametrize("kw, name", BAD_GENERATE_ARGUMENTS,
+                         ids=[f"{i}-{n}" for i, (_, n) in enumerate(BAD_GENERATE_ARGUMENTS)])
+def test_generate_rejects_bad_arguments(small_lm, kw, name):
+    ids = torch.randint(0, 37, (3, 5), generator=gen(34))
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        small_lm.generate(ids, **{"max_new_tokens": 2, **kw})
+
+
+@pytest.mark.parametrize("bad", [-1, 40, 1000, 10 ** 6], ids=["-1", "padded_vocab", "1000", "1e6"])
+def test_generate_and_forward_reject_out_of_range_ids(small_lm, bad):
+    assert small_lm.config.padded_vocab_size == 40
+    ids = torch.randint(0, 37, (2, 4), generator=gen(35))
+    ids[1, 2] = bad
+    with pytest.raises(ValueError, match="input_ids"):
+        small_lm.generate(ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="input_ids"):
+        small_lm(ids)
+
+
+def test_generate_takes_numpy_and_tensor_token_ids(small_lm):
+    ids = torch.randint(0, 30, (2, 4), generator=gen(8))
+    free = small_lm.generate(ids, max_new_tokens=6)
+    eos = int(free[0, 6])
+    want = small_lm.generate(ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=1)
+    for e, p in [(np.int64(eos), np.int32(1)), (torch.tensor(eos), torch.tensor(1)),
+                 ([np.int64(eos)], 1), (torch.tensor([eos]), 1)]:
+        assert torch.equal(small_lm.generate(ids, max_new_tokens=6, eos_token_id=e,
+                                             pad_token_id=p), want)
+    for bad, exc in [(2.5, TypeError), ("3", TypeError), (True, TypeError), (-1, ValueError),
+                     (37, ValueError), ([1, 2.0], TypeError)]:
+        with pytest.raises(exc, match="eos_token_id"):
+            small_lm.generate(ids, max_new_tokens=2, eos_token_id=bad)
+    with pytest.raises(TypeError, match="pad_token_id"):
+        small_lm.generate(ids, max_new_tokens=2, eos_token_id=3, pad_token_id=[1, 2])
+
+
+def test_streamer_without_end_is_refused_before_any_work(small_lm):
+    calls = []
+
+    class HalfStreamer:
+        def put(self, value):
+            calls.append(value)
+
+    with pytest.raises(TypeError, match="streamer"):
+        small_lm.generate(torch.tensor([[1, 2]]), max_new_tokens=3, streamer=HalfStreamer())
+    assert calls == []
+
+
+# =========================================================================================
+# ==== 13. checkpoints
+# =========================================================================================
+
+# ------------------------------------------------------------------------- transformers format
+
+@pytest.mark.parametrize("g,tie", [(1, False), (1, True), (2, False), (2, True)])
+def test_transformers_checkpoint_logits_and_greedy_generate(tmp_path, g, tie):
+    hf = randomize(hf_lm_model(g=g, tie=tie, seed=g), seed=10 + g).double()
+    hf.save_pretrained(tmp_path)
+    ours = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    assert ours.dtype == torch.float64
+    assert ours.config.ngroups == g and ours.config.tie_embeddings == tie
+    assert ours.config.d_model == 64 and ours.config.nheads == 8 and ours.config.d_state == 16
+    for l in (1, 7, 37):
+        ids = lm_ids(2, l, seed=l)
+        with torch.no_grad():
+            want = hf(ids).logits.double()
+            got = ours(ids)
+        assert got.shape[:2] == (2, l) and got.shape[-1] >= LM_VOCAB
+        # transformers runs parts of the block in fp32 even for a fp64 model: measured 2.3e-6
+        assert_close(got[..., :LM_VOCAB], want, atol=3e-5, what=f"logits, l={l}")
+    prompt = lm_ids(2, 5, seed=99)
+    # an explicit mask: transformers would otherwise take prompt tokens equal to pad_token_id for
+    # padding
+    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                       do_sample=False, eos_token_id=hf.config.eos_token_id,
+                       pad_token_id=hf.config.pad_token_id)
+    got = ours.generate(prompt, max_new_tokens=10, eos_token_id=hf.config.eos_token_id,
+                        pad_token_id=hf.config.pad_token_id)
+    assert torch.equal(got, want)
+
+
+def test_transformers_sharded_checkpoint(tmp_path):
+    hf = randomize(hf_lm_model(g=2, tie=False, seed=3), seed=4)
+    hf.save_pretrained(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    assert index.is_file()
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 1
+    whole = Mamba2LMHeadModel.from_pretrained(tmp_path / "one")
+    sharded = Mamba2LMHeadModel.from_pretrained(tmp_path / "sharded")
+    a, b = whole.state_dict(), sharded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = lm_ids(2, 21, seed=5)
+    with torch.no_grad():
+        want = hf(ids).logits
+        got = sharded(ids)
+    assert torch.equal(got, whole(ids))
+    assert_close(got[..., :LM_VOCAB], want, atol=4e-5, what="sharded vs transformers")  # 3.8e-6
+
+
+# ---------------------------------------------------------------------------- mamba_ssm format
+
+@pytest.mark.parametrize("tie,d_intermediate,g",
+                         [(True, 0, 1), (False, 0, 2), (True, 40, 2), (False, 40, 1)])
+def test_official_checkpoint_reproduces_logits(tmp_path, tie, d_intermediate, g):
+    src = lm_model(dtype=torch.float32, seed=7, tie_embeddings=tie, d_intermediate=d_intermediate,
+                   ngroups=g)
+    assert set(src.state_dict()) == official_keys(2, d_intermediate)
+    state = write_official(tmp_path, src)
+    if d_intermediate:   # official GatedMLP: hidden rounded up to 128s, fc1 holds value and gate
+        assert state["backbone.layers.0.mlp.fc1.weight"].shape == (2 * 128, 32)
+        assert state["backbone.layers.0.mlp.fc2.weight"].shape == (32, 128)
+    assert state["backbone.embedding.weight"].shape == (112, 32)
+    assert state["backbone.layers.1.mixer.in_proj.weight"].shape == (2 * 64 + 2 * g * 8 + 8, 32)
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    assert loaded.config.d_intermediate == d_intermediate and loaded.config.ngroups == g
+    assert loaded.config.tie_embeddings == tie and loaded.config.padded_vocab_size == 112
+    ids = lm_ids(3, 29, seed=1)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), src(ids))
+
+
+@pytest.mark.parametrize("tie,g", [(True, 1), (False, 2)])
+def test_official_checkpoint_matches_transformers_oracle(tmp_path, tie, g):
+    src = lm_model(dtype=torch.float32, seed=8, tie_embeddings=tie, ngroups=g)
+    state = write_official(tmp_path, src)
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    # the same weights in transformers' implementation (its vocabulary is the padded one, 112)
+    hf = hf_lm_model(g=g, tie=tie, vocab=112, hidden=32, heads=8, head_dim=8, state=8)
+    renamed = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v
+               for k, v in state.items()}
+    result = hf.load_state_dict(renamed, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if not (tie and k == "lm_head.weight")]
+    assert torch.equal(hf.lm_head.weight, state["lm_head.weight"])
+    for l in (1, 7, 37):
+        ids = lm_ids(2, l, seed=20 + l)
+        with torch.no_grad():
+            want = hf(ids).logits
+            got = loaded(ids)
+        assert_close(got, want, atol=3e-5, what=f"logits, l={l}")     # fp32: measured 2.4e-6
+
+
+def test_official_format_writes_official_keys_and_refuses_the_rest(tmp_path):
+    model = lm_model(seed=15, **SMALL_LM)
     model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert set(config) == {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                           "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                           "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}
+    assert config["ssm_cfg"]["layer"] == "Mamba2"
+    state = torch.load(tmp_path / "m" / "pytorch_model.bin", weights_only=True)
+    assert "lm_head.weight" in state                    # the official file holds the tied head
+    for bad, field in [(dict(learnable_init_states=True), "learnable_init_states"),
+                       (dict(norm_epsilon=1e-6), "norm_epsilon")]:
+        with pytest.raises(ValueError, match=field):
+            lm_model(**SMALL_LM, **bad).save_pretrained(tmp_path / "refused")
+        assert not (tmp_path / "refused" / "config.json").exists()
+    for bad, what in [(dict(norm_before_gate=True), "norm_before_gate"),
+                      (dict(d_intermediate=8), "d_intermediate"),
+                      (dict(D_has_hdim=True), "D_has_hdim")]:
+        with pytest.raises(ValueError, match=what):
+            lm_model(**SMALL_LM, **bad).save_pretrained(tmp_path / "refused",
+                                                        format="transformers")
+
+
+def test_official_configs_read_with_official_defaults(tmp_path):
+    """A config.json without pad_vocab_size_multiple pads by 8, as MambaConfig does."""
+    model = lm_model(seed=17, **SMALL_LM)                  # vocabulary 37 padded by 8: 40
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    del config["pad_vocab_size_multiple"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     loaded = Mamba2LMHeadModel.from_pretrained(tmp_path / "m")
-    ids = torch.randint(0, 37, (2, 7), generator=_gen(37))
+    assert loaded.config.pad_vocab_size_multiple == 8 and loaded.config.padded_vocab_size == 40
+
+
+# ----------------------------------------------------------------------------------- round trips
+
+@pytest.mark.parametrize("d_model", [32, 16])
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_pretrained_round_trip_and_bfloat16(tmp_path, tie, d_model):
+    """save_pretrained -> from_pretrained is exact (config, every tensor and its dtype, tying,
+    logits), also for a d_inner (32) that is not a multiple of the default headdim 64; loading in
+    bf16 converts every tensor but D (kept in fp32 as stored, as official)."""
+    src = lm_model(dtype=torch.float32, seed=11, tie_embeddings=tie, ngroups=2, d_intermediate=24,
+                   dt_limit=(0.0, 2.0), d_model=d_model)
+    src.save_pretrained(tmp_path)
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    assert loaded.config == src.config
+    assert loaded.config.to_dict() == src.config.to_dict()
+    a, b = src.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    tied = loaded.lm_head.weight is loaded.backbone.embedding.weight
+    assert tied == tie
+    ids = lm_ids(2, 19, seed=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), src(ids))
+
+    bf = Mamba2LMHeadModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    c = bf.state_dict()
+    assert c.keys() == a.keys()
+    for k in a:       # D stays fp32 in a bf16 model, as official: the stored fp32 value as it is
+        want = torch.float32 if k.endswith(".D") else torch.bfloat16
+        assert c[k].dtype == want, k
+        assert torch.equal(c[k], a[k].to(want)), k
+    assert (bf.lm_head.weight is bf.backbone.embedding.weight) == tie
+    with torch.no_grad():
+        full, low = src(ids), bf(ids)
+    assert low.dtype == torch.bfloat16
+    assert_rel(low, full, 0.1, "bf16 logits vs fp32")                  # measured 1.9e-2
+
+
+def test_from_pretrained_loads_legacy_torch_save_format(tmp_path):
+    """A pytorch_model.bin written in torch's older non-zip format (plain tensors only) is a valid
+    checkpoint: it loads (safely, weights_only) and gives the same logits."""
+    model = lm_model(seed=41, dtype=torch.float32, **SMALL_LM)
+    model.save_pretrained(tmp_path)
+    safetensors_to_bin(tmp_path, _use_new_zipfile_serialization=False)
+    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
+    ids = torch.randint(0, 37, (2, 6), generator=gen(42))
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
+
+
+def test_dtype_and_device_arguments(tmp_path):
+    d = tmp_path / "m"
+    model = lm_model(seed=18, dtype=torch.float32, **SMALL_LM)
+    model.save_pretrained(d)
+    half = Mamba2LMHeadModel.from_pretrained(d, dtype="float16")
+    assert half.dtype == torch.float16
+    assert Mamba2LMHeadModel.from_pretrained(d, dtype="torch.bfloat16").dtype == torch.bfloat16
+    for bad in ("int8", "float17", 42, torch.int64):
+        with pytest.raises(TypeError, match="dtype"):
+            Mamba2LMHeadModel.from_pretrained(d, dtype=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda"):
+            Mamba2LMHeadModel.from_pretrained(d, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        Mamba2LMHeadModel.from_pretrained(d, device="nonsense")
+
+
+def test_integer_and_mixed_dtype_weight_files(tmp_path):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    model = lm_model(seed=19, dtype=torch.float32, **SMALL_LM)
+    model.save_pretrained(d, format="full")
+    state = load_file(str(d / "model.safetensors"))
+    mixed = {k: (v if "A_log" in k or "dt_bias" in k else v.half()) for k, v in state.items()}
+    save_file(mixed, str(d / "model.safetensors"))
+    loaded = Mamba2LMHeadModel.from_pretrained(d)           # the dtype most weights have
+    assert {n: p.dtype for n, p in loaded.named_parameters() if p.dtype != torch.float16} == \
+        {f"backbone.layers.{i}.mixer.D": torch.float32 for i in range(2)}    # D: fp32, official
+    assert Mamba2LMHeadModel.from_pretrained(d, dtype=torch.float32).dtype == torch.float32
+    state["backbone.layers.0.mixer.D"] = state["backbone.layers.0.mixer.D"].long()
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match="backbone.layers.0.mixer.D"):
+        Mamba2LMHeadModel.from_pretrained(d)
+
+
+# ---------------------------------------------------------------------------------- bad files
+
+def _saved(tmp_path, name="ckpt", **kw):
+    d = tmp_path / name
+    lm_model(seed=16, **SMALL_LM).save_pretrained(d, format="transformers", **kw)
+    return d
 
 
 def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
     good = tmp_path / "good"
-    _small_lm(seed=38).save_pretrained(good)
-    missing = tmp_path / "does_not_exist"
-    with pytest.raises(ValueError, match="does_not_exist"):
-        Mamba2LMHeadModel.from_pretrained(missing)
+    lm_model(seed=38, dtype=torch.float32, **SMALL_LM).save_pretrained(good)
+    for missing in (tmp_path / "does_not_exist", tmp_path / "no" / "such" / "checkpoint"):
+        with pytest.raises(ValueError, match="does not exist") as info:
+            Mamba2LMHeadModel.from_pretrained(missing)
+        assert missing.name in str(info.value)
     with pytest.raises(ValueError, match="is a file"):
         Mamba2LMHeadModel.from_pretrained(good / "config.json")
     with pytest.raises(TypeError, match="name_or_path"):
         Mamba2LMHeadModel.from_pretrained(42)
-    # unknown config format
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    (unknown / "config.json").write_text('{"model_type": "llama", "hidden_size": 32}')
-    (unknown / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="unknown checkpoint format"):
-        Mamba2LMHeadModel.from_pretrained(unknown)
-    # config that is not JSON, and no config at all
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text('{"d_model": 32,')
-    with pytest.raises(ValueError, match="not valid JSON"):
-        Mamba2LMHeadModel.from_pretrained(broken)
-    (broken / "config.json").unlink()
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes((good / "model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="config.json"):
-        Mamba2LMHeadModel.from_pretrained(broken)
-    # no weights
-    noweights = tmp_path / "noweights"
-    noweights.mkdir()
-    (noweights / "config.json").write_text((good / "config.json").read_text())
+        Mamba2LMHeadModel.from_pretrained(no_config)
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((good / "config.json").read_text())
     with pytest.raises(ValueError, match="no weights"):
-        Mamba2LMHeadModel.from_pretrained(noweights)
+        Mamba2LMHeadModel.from_pretrained(no_weights)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("content, key", [
+    (b'{"d_model": 32,', "not valid JSON"),
+    (b"[1, 2, 3]", "JSON object"),
+    (b'{"d_model": 16, "n_layer": 2, "vocab_size": 37, \xff}', "UTF-8"),
+    (json.dumps({"model_type": "llama", "hidden_size": 32}).encode(),
+     "unknown checkpoint format"),
+    (json.dumps({"architectures": ["SomethingElse"], "width": 32}).encode(),
+     "unknown checkpoint format"),
+    (json.dumps({"model_type": "mamba2", "num_hidden_layers": 2}).encode(), "hidden_size"),
+    (json.dumps({"model_type": "mamba2", "hidden_size": 16, "time_step_limit": None}).encode(),
+     "time_step_limit"),
+    (json.dumps({"model_type": "mamba2", "hidden_size": 16, "time_step_limit": [0.0, None]}
+                ).encode(), "time_step_limit"),
+    (json.dumps({"d_model": 16, "n_layer": 2, "ssm_cfg": ["Mamba2"]}).encode(), "ssm_cfg"),
+    (json.dumps({"d_model": 16, "n_layer": 2, "ssm_cfg": {}}).encode(), "Mamba1"),
+    (json.dumps({"d_model": 16, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2", "d_state": "4"}}
+                ).encode(), "d_state"),
+    (json.dumps({"d_model": 16, "n_layer": 2, "ssm_cfg": {"layer": "Mamba2"},
+                 "surprise": 1}).encode(), "surprise"),
+], ids=["not_json", "not_object", "not_utf8", "llama", "architectures", "no_hidden_size",
+        "time_step_limit_none", "time_step_limit_pair", "ssm_cfg_list", "mamba1", "d_state_str",
+        "unknown_key"])
+def test_bad_configs_name_the_file_and_key(tmp_path, content, key):
+    d = _saved(tmp_path)
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=key) as info:
+        Mamba2LMHeadModel.from_pretrained(d)
+    assert "config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape"])
+def test_from_pretrained_tensor_mismatch_names_the_tensor(tmp_path, problem):
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "ckpt"
+    lm_model(dtype=torch.float32, seed=12, tie_embeddings=False).save_pretrained(d)
+    state = load_file(str(d / "model.safetensors"))
+    if problem == "missing":
+        name = "backbone.layers.1.mixer.D"
+        del state[name]
+    elif problem == "unexpected":
+        name = "backbone.layers.0.mixer.surplus_bias"
+        state[name] = torch.zeros(3)
+    else:
+        name = "backbone.layers.0.mixer.A_log"
+        state[name] = torch.zeros(9)
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(ValueError, match=re.escape(name)):
+        Mamba2LMHeadModel.from_pretrained(d)
+
+
+@pytest.mark.parametrize("writer", ["save_pretrained", "safetensors_to_bin", "write_official"])
 @pytest.mark.parametrize("keep", [0.5, 0.02])
-def test_from_pretrained_truncated_weight_file(tmp_path, fmt, keep):
-    model = _small_lm(seed=39)
-    model.save_pretrained(tmp_path)
-    if fmt == "bin":
-        from safetensors.torch import load_file
-        state = load_file(str(tmp_path / "model.safetensors"))
-        (tmp_path / "model.safetensors").unlink()
-        torch.save(state, tmp_path / "pytorch_model.bin")
-    f = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+def test_from_pretrained_truncated_weight_file(tmp_path, writer, keep):
+    """A weight file cut short (half of it, or only its header's start) is an error naming it,
+    whichever wrote it: save_pretrained (model.safetensors), torch.save of the same tensors, or
+    the official mamba_ssm layout (pytorch_model.bin with the tied head)."""
+    if writer == "write_official":
+        write_official(tmp_path, lm_model(dtype=torch.float32, seed=13))
+    else:
+        lm_model(seed=39, dtype=torch.float32, **SMALL_LM).save_pretrained(tmp_path)
+        if writer == "safetensors_to_bin":
+            safetensors_to_bin(tmp_path)
+    f = tmp_path / ("model.safetensors" if writer == "save_pretrained" else "pytorch_model.bin")
     Mamba2LMHeadModel.from_pretrained(tmp_path)                 # the intact file loads
     data = f.read_bytes()
     f.write_bytes(data[:int(len(data) * keep)])
-    with pytest.raises(ValueError, match=f.name):
+    with pytest.raises(ValueError, match=re.escape(f.name)):
         Mamba2LMHeadModel.from_pretrained(tmp_path)
 
 
-def test_from_pretrained_loads_legacy_torch_save_format(tmp_path):
-    """A pytorch_model.bin written in torch's older non-zip format (plain tensors only) is a valid checkpoint:
-    it loads (safely, weights_only) and gives the same logits."""
-    model = _small_lm(seed=41)
-    model.save_pretrained(tmp_path)
-    from safetensors.torch import load_file
-    state = load_file(str(tmp_path / "model.safetensors"))
-    (tmp_path / "model.safetensors").unlink()
-    torch.save(state, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
-    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
-    ids = torch.randint(0, 37, (2, 6), generator=_gen(42))
+class Payload:
+    """Unpickling this object creates `marker` (it stands for any attack), by a shell command
+    (os.system) or by Python code (exec)."""
+
+    def __init__(self, marker, kind):
+        self.marker, self.kind = str(marker), kind
+
+    def __reduce__(self):
+        if self.kind == "system":
+            return os.system, (f"touch {shlex.quote(self.marker)}",)
+        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("kind", ["system", "exec"])
+@pytest.mark.parametrize("how", ["torch_save", "plain_pickle", "sharded_index", "official"])
+def test_from_pretrained_never_executes_checkpoint_code(tmp_path, how, kind):
+    """A pickle payload in a weight file (torch.save, plain pickle, a shard behind an index, the
+    official layout) is refused by name and never runs."""
+    marker = tmp_path / "PWNED"
+    # the payload is live: unrestricted unpickling runs it, by pickle and by torch.load alike
+    pickle.loads(pickle.dumps(Payload(tmp_path / "probe1", kind)))
+    torch.save({"x": Payload(tmp_path / "probe2", kind)}, tmp_path / "probe.bin")
+    torch.load(tmp_path / "probe.bin", weights_only=False)
+    assert (tmp_path / "probe1").exists() and (tmp_path / "probe2").exists()
+
+    d = tmp_path / "evil"
+    if how == "official":
+        state = write_official(d, lm_model(dtype=torch.float32, seed=14))
+        victim = "backbone.layers.0.mixer.D"
+    else:
+        lm_model(seed=40, dtype=torch.float32, **SMALL_LM).save_pretrained(d)
+        state = safetensors_to_bin(d)
+        victim = "backbone.norm_f.weight"
+    evil = {**state, victim: Payload(marker, kind)}
+    if how in ("torch_save", "official"):
+        torch.save(evil, d / "pytorch_model.bin")
+    elif how == "plain_pickle":
+        (d / "pytorch_model.bin").write_bytes(pickle.dumps(evil))
+    else:
+        shard = "pytorch_model-00001-of-00001.bin"
+        torch.save(evil, d / shard)
+        (d / "pytorch_model.bin.index.json").write_text(
+            '{"metadata": {}, "weight_map": {' + ", ".join(f'"{k}": "{shard}"' for k in state)
+            + "}}")
+    with pytest.raises(ValueError, match=r"(?i)refus"):
+        Mamba2LMHeadModel.from_pretrained(d)
+    assert not marker.exists(), "loading a checkpoint executed code from it"
+
+
+# ------------------------------------------------------------------------ atomic saves, confinement
+
+@pytest.mark.parametrize("fmt", ["mamba_ssm", "full", "transformers"])
+@pytest.mark.parametrize("failing", ["safetensors", "torch_save", "rename"])
+def test_save_failure_midway_keeps_the_old_checkpoint(tmp_path, monkeypatch, fmt, failing):
+    if failing == "torch_save" and fmt != "mamba_ssm":
+        pytest.skip("only the mamba_ssm format writes pytorch_model.bin")
+    old = lm_model(seed=10, tie_embeddings=False, **SMALL_LM)
+    new = lm_model(seed=11, tie_embeddings=False, **SMALL_LM)
+    d = tmp_path / "ckpt"
+    ids, want = save_and_logits(old, d, format=fmt)
+    mine = {"model_backup.safetensors": b"mine", "model-v1.safetensors": b"mine too",
+            "notes.txt": b"hello"}
+    for name, data in mine.items():
+        (d / name).write_bytes(data)
+    before = sorted(p.name for p in d.iterdir())
+
+    def disk_full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    if failing == "safetensors":
+        import safetensors.torch
+        monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    elif failing == "torch_save":
+        monkeypatch.setattr(torch, "save", disk_full)
+    else:
+        real = os.replace
+        calls = []
+
+        def replace_then_fail(a, b):
+            calls.append(b)
+            if len(calls) == 1:
+                raise OSError(errno.EIO, "I/O error")
+            return real(a, b)
+        monkeypatch.setattr(os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="No space left|I/O error"):
+        new.save_pretrained(d, format=fmt)
+    monkeypatch.undo()
+    assert sorted(p.name for p in d.iterdir()) == before, "temporary files left behind"
+    for name, data in mine.items():
+        assert (d / name).read_bytes() == data
+    loaded = Mamba2LMHeadModel.from_pretrained(d)
     with torch.no_grad():
-        assert torch.equal(loaded(ids), model(ids))
+        assert torch.equal(loaded(ids), want)
 
 
-# ====================================================================== 4. scale-out: DDP and FSDP2
+@pytest.mark.parametrize("fmt", ["mamba_ssm", "full", "transformers"])
+def test_save_replaces_only_checkpoint_files(tmp_path, fmt):
+    d = tmp_path / "ckpt"
+    lm_model(seed=12, **SMALL_LM).save_pretrained(d, format="transformers", max_shard_size=2000)
+    shards = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert len(set(shards)) > 1                                  # sharded first
+    mine = {"model_backup.safetensors": b"a", "model-v1.safetensors": b"b",
+            "pytorch_model_old.bin": b"c", "tokenizer.json": b"{}"}
+    for name, data in mine.items():
+        (d / name).write_bytes(data)
+    model = lm_model(seed=13, **SMALL_LM)
+    ids, want = save_and_logits(model, d, format=fmt)
+    for name, data in mine.items():
+        assert (d / name).read_bytes() == data, name
+    left = {p.name for p in d.iterdir()} - set(mine)
+    expected = {"mamba_ssm": {"config.json", "pytorch_model.bin", "model.safetensors"},
+                "full": {"config.json", "model.safetensors"},
+                "transformers": {"config.json", "model.safetensors"}}[fmt]
+    assert left == expected, left
+    with torch.no_grad():
+        assert torch.equal(Mamba2LMHeadModel.from_pretrained(d)(ids), want)
+
+
+def test_save_hand_tied_head_meta_model_and_home(tmp_path, monkeypatch):
+    model = lm_model(seed=14, tie_embeddings=False, **SMALL_LM)
+    model.lm_head.weight = model.backbone.embedding.weight          # tied by hand, not by config
+    ids, want = save_and_logits(model, tmp_path / "tied", format="full")
+    with torch.no_grad():
+        assert torch.equal(Mamba2LMHeadModel.from_pretrained(tmp_path / "tied")(ids), want)
+    with torch.device("meta"):
+        ghost = Mamba2LMHeadModel(model.config)
+    before = sorted((tmp_path / "tied").iterdir())
+    with pytest.raises(ValueError, match="meta"):
+        ghost.save_pretrained(tmp_path / "tied")
+    assert sorted((tmp_path / "tied").iterdir()) == before
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    model.save_pretrained("~/saved", format="full")
+    assert (tmp_path / "home" / "saved" / "config.json").is_file()
+    assert not Path("~").exists()
+    with torch.no_grad():
+        assert torch.equal(Mamba2LMHeadModel.from_pretrained("~/saved")(ids), want)
+
+
+@pytest.mark.parametrize("how", ["parent", "absolute", "symlink_out", "twice"])
+def test_weight_files_outside_the_checkpoint_are_refused(tmp_path, how):
+    d = _saved(tmp_path, max_shard_size=2000)
+    index_file = d / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / shard).write_bytes((d / shard).read_bytes())
+    first_key = next(k for k, v in index["weight_map"].items() if v == shard)
+    if how == "parent":
+        index["weight_map"][first_key] = f"../elsewhere/{shard}"
+    elif how == "absolute":
+        index["weight_map"][first_key] = str(elsewhere / shard)
+    elif how == "symlink_out":
+        (d / shard).unlink()
+        (d / shard).symlink_to(elsewhere / shard)
+    else:                                            # a tensor present in two shards
+        second = sorted(set(index["weight_map"].values()))[1]
+        from safetensors.torch import load_file, save_file
+        part = load_file(str(d / second))
+        part[first_key] = torch.zeros(3)
+        save_file(part, str(d / second))
+    index_file.write_text(json.dumps(index))
+    message = {"parent": "outside the checkpoint", "absolute": "only relative",
+               "symlink_out": "outside the checkpoint", "twice": "stored twice"}[how]
+    with pytest.raises(ValueError, match=message):
+        Mamba2LMHeadModel.from_pretrained(d)
+
+
+def test_hub_snapshot_blobs_are_inside_the_checkpoint(tmp_path):
+    """A hub cache snapshot links its files to ../../blobs: that stays allowed."""
+    src = _saved(tmp_path)
+    repo = tmp_path / "models--org--name"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (repo / "blobs" / f.name).write_bytes(f.read_bytes())
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    loaded = Mamba2LMHeadModel.from_pretrained(snap)
+    ids = torch.randint(0, 30, (2, 5), generator=gen(9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), Mamba2LMHeadModel.from_pretrained(src)(ids))
+
+
+# =========================================================================================
+# ==== 14. the language model: forward, the fused loss, cache, packing
+# =========================================================================================
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk_logits", [1 << 25, 64], ids=["one_chunk", "one_token_chunks"])
+def test_labels_loss_equals_cross_entropy_of_logits(tie, chunk_logits, monkeypatch):
+    """forward(labels=) (the fused loss that never holds the logits) == F.cross_entropy on the
+    returned logits, shifted by one, with -100 ignored: the value and every parameter's gradient,
+    float64."""
+    monkeypatch.setattr(mamba2, "LOSS_CHUNK_LOGITS", chunk_logits)
+    torch.manual_seed(60)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=16, d_state=4, headdim=8, n_layer=2,
+                                           vocab_size=37, chunk_size=4, tie_embeddings=tie),
+                              dtype=F64)
+    ids = torch.randint(0, 37, (2, 11), generator=gen(61))
+    labels = ids.clone()
+    labels[0, 3], labels[1, :4] = -100, -100
+    params = [p for p in model.parameters()]
+    loss = model(ids, labels=labels)
+    got = torch.autograd.grad(loss, params)
+    logits = model(ids)[..., :37]                                # the real vocabulary (of 48)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    want = torch.autograd.grad(ref, params)
+    assert_rel(loss, ref, 2e-15, "loss")                                   # measured 1.2e-16
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert_rel(a, b, 3e-14, f"d loss / d {name}")                       # measured 2.8e-15
+    with torch.no_grad():
+        assert_rel(model(ids, labels=labels), ref, 2e-15, "loss without gradients")
+
+
+def test_labels_loss_bfloat16_close_to_float32():
+    torch.manual_seed(62)
+    model = Mamba2LMHeadModel(Mamba2Config(d_model=32, d_state=8, headdim=8, n_layer=2,
+                                           vocab_size=50))
+    model16 = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(0, 50, (2, 33), generator=gen(63))
+    loss32 = model(ids, labels=ids)
+    loss32.backward()
+    grad32 = model.lm_head.weight.grad
+    loss16 = model16(ids, labels=ids)
+    loss16.backward()
+    assert loss16.dtype == torch.float32                     # the loss is taken in fp32, as HF
+    assert_rel(loss16, loss32, 2e-4, "bf16 loss")                          # measured 1.7e-5
+    assert_norm_rel(model16.lm_head.weight.grad, grad32, 5e-2, "bf16 lm_head gradient")  # 1.1e-2
+    auto = copy.deepcopy(model)
+    auto.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):         # fp32 weights, bf16 products
+        loss_auto = auto(ids, labels=ids)
+    loss_auto.backward()
+    assert loss_auto.dtype == torch.float32 and auto.lm_head.weight.grad.dtype == torch.float32
+    assert_rel(loss_auto, loss32, 2e-4, "autocast loss")                   # measured 1.2e-5
+    assert_norm_rel(auto.lm_head.weight.grad, grad32, 5e-2, "autocast gradient")   # 1.0e-2
+
+
+def test_num_last_tokens_equals_full_forward():
+    model = lm_model(ngroups=2)
+    ids = lm_ids(2, 23, seed=3)
+    with torch.no_grad():
+        full = model(ids)
+        assert torch.equal(model(ids, num_last_tokens=0), full)
+        for k in (1, 5, 23):
+            last = model(ids, num_last_tokens=k)
+            assert last.shape == (2, k, 112)
+            assert_close(last, full[:, -k:], atol=2e-14, what=f"num_last_tokens={k}")  # 1.6e-15
+
+
+@pytest.mark.parametrize("kw", [dict(ngroups=2), dict(d_intermediate=24, tie_embeddings=False)])
+def test_cache_in_pieces_equals_full_forward(kw):
+    model = lm_model(**kw)
+    l = CPU_SPAN + 14   # longer than one CPU span, not a multiple of the chunk length
+    ids = lm_ids(2, l, seed=4)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_inference_cache(2)
+        assert len(cache) == 2
+        pieces = []
+        for start, end in [(0, 1), (1, 6), (6, l - 7)]:
+            pieces.append(model(ids[:, start:end], cache=cache))
+        for t in range(l - 7, l):
+            pieces.append(model(ids[:, t:t + 1], cache=cache))
+        got = torch.cat(pieces, dim=1)
+    assert got.shape == full.shape
+    assert_close(got, full, atol=6e-14, what="pieces through the cache")   # measured 5.3e-15
+
+
+def test_seq_idx_packing_equals_separate_runs():
+    model = lm_model(ngroups=2, d_intermediate=24)
+    lengths = [5, 19, 1, 12]            # segments cross chunk boundaries (chunks of 16)
+    seqs = [lm_ids(1, n, seed=30 + i) for i, n in enumerate(lengths)]
+    packed = torch.cat(seqs, dim=1)
+    seq_idx = packed_rows(lengths).int()
+    with torch.no_grad():
+        got = model(packed, seq_idx=seq_idx)
+        want = torch.cat([model(s) for s in seqs], dim=1)
+        assert_close(got, want, atol=3e-14, what="packed row")             # measured 2.7e-15
+        # two rows packed differently in one batch
+        other = torch.cat([seqs[3], seqs[1], seqs[0], seqs[2]], dim=1)
+        idx2 = packed_rows([12, 19, 5, 1]).int()
+        got2 = model(torch.cat([packed, other]), seq_idx=torch.cat([seq_idx, idx2]))
+        want2 = torch.cat([model(s) for s in (seqs[3], seqs[1], seqs[0], seqs[2])], dim=1)
+    assert_close(got2[0], want[0], atol=3e-14, what="row 0 of two")       # measured 2.7e-15
+    assert_close(got2[1], want2[0], atol=2e-14, what="row 1 of two")      # measured 1.8e-15
+
+
+@pytest.mark.parametrize("b", [1, 8, 32])
+def test_decode_step_equals_forward_bit_for_bit_and_the_chunked_forward(b):
+    """The lean step generate uses (no checks) == the checked forward through a cache, bit for
+    bit; and token-by-token == the whole sequence, for batch 1, 8 and 32."""
+    model = lm_model(seed=50, ngroups=2, d_intermediate=24, **SMALL_LM)
+    ids = torch.randint(0, 30, (b, 9), generator=gen(b))
+    with torch.no_grad():
+        full = model(ids)
+        lean, checked = model.allocate_inference_cache(b), model.allocate_inference_cache(b)
+        model(ids[:, :4], cache=lean)
+        model(ids[:, :4], cache=checked)
+        for t in range(4, 9):
+            a = model._decode(ids[:, t], lean)
+            c = model(ids[:, t:t + 1], cache=checked)[:, 0]
+            assert torch.equal(a, c)
+            assert_close(a, full[:, t], atol=2e-14, what=f"step {t} vs the whole")  # 1.8e-15
+    assert all(torch.equal(x.ssm_state, y.ssm_state) for x, y in zip(lean, checked))
+
+
+# =========================================================================================
+# ==== 15. generation
+# =========================================================================================
+
+@pytest.fixture(scope="module")
+def lm():
+    """The language model of the generation tests (float64, 2 groups, vocabulary 100)."""
+    return lm_model(seed=21, ngroups=2)
+
+
+@pytest.fixture(scope="module")
+def lm_learned():
+    """The same with learned initial states (every sequence, padded or not, starts from them)."""
+    return lm_model(seed=23, ngroups=2, learnable_init_states=True)
+
+
+@pytest.mark.parametrize("model_name", ["lm", "lm_learned"])
+@pytest.mark.parametrize("penalty", [1.0, 1.7])
+def test_left_padded_batch_equals_each_prompt_alone(request, model_name, penalty):
+    model = request.getfixturevalue(model_name)
+    prompts = [lm_ids(1, n, seed=40 + n) for n in (3, 7, 1)]
+    alone = [model.generate(p, max_new_tokens=6, repetition_penalty=penalty) for p in prompts]
+    # pad with a real token id, the one the shortest prompt continues with: padding must be
+    # ignored, also by the repetition penalty (were the pads counted as seen, that token would be
+    # penalised in the last row)
+    pad_value = int(alone[2][0, 1])
+    ids, mask = left_pad(prompts, pad_value=pad_value)
+    out = model.generate(ids, max_new_tokens=6, attention_mask=mask, repetition_penalty=penalty)
+    assert out.shape == (3, ids.shape[1] + 6)
+    assert torch.equal(out[:, :ids.shape[1]], ids)
+    for i, p in enumerate(prompts):
+        assert torch.equal(out[i, ids.shape[1]:], alone[i][0, p.shape[1]:]), i
+
+
+def test_max_new_tokens_zero_returns_prompt(lm):
+    ids = lm_ids(2, 4, seed=1)
+    assert torch.equal(lm.generate(ids, max_new_tokens=0), ids)
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-9), dict(min_p=1.0),
+                                dict(temperature=0.0), dict(temperature=0.0, top_k=50, top_p=0.9),
+                                dict(temperature=1e-7)])
+def test_degenerate_sampling_equals_greedy(lm, kw):
+    ids = lm_ids(2, 6, seed=50)
+    greedy = lm.generate(ids, max_new_tokens=10)
+    # precondition for the tiny-temperature case: the top-2 logits along the greedy path are apart
+    with torch.no_grad():
+        logits = lm(greedy[:, :-1])[:, ids.shape[1] - 1:, :LM_VOCAB].float()
+    top2 = logits.topk(2, dim=-1).values
+    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
+    for seed in (0, 1):
+        sampled = lm.generate(ids, max_new_tokens=10, do_sample=True, generator=gen(seed), **kw)
+        assert torch.equal(sampled, greedy), (kw, seed)
+
+
+def test_greedy_with_repetition_penalty_matches_reference(lm):
+    """Teacher-forced oracle: each greedy token is the argmax of the CTRL-penalised full-forward
+    logits."""
+    penalty = 2.5
+    ids = lm_ids(2, 8, seed=60)
+    out = lm.generate(ids, max_new_tokens=12, repetition_penalty=penalty)
+    plain = lm.generate(ids, max_new_tokens=12)
+    with torch.no_grad():
+        logits = lm(out[:, :-1])[..., :LM_VOCAB].float()
+    l = ids.shape[1]
+    for t in range(12):
+        step = logits[:, l - 1 + t].clone()
+        for row in range(2):
+            seen = out[row, :l + t].unique()
+            v = step[row, seen]
+            step[row, seen] = torch.where(v < 0, v * penalty, v / penalty)
+        assert torch.equal(step.argmax(-1), out[:, l + t]), t
+    assert not torch.equal(out, plain)   # the penalty changed something on this prompt
+
+
+def test_repetition_penalty_lowers_seen_probabilities():
+    g = gen(3)
+    logits = torch.randn(4, LM_VOCAB, generator=g) * 2
+    seen = torch.rand(4, LM_VOCAB, generator=g) < 0.2
+    before = logits.softmax(-1)
+    processed = mamba2.process_logits(logits, seen, repetition_penalty=1.5)
+    after = processed.softmax(-1)
+    assert (processed[seen] < logits[seen]).all()           # every seen logit moves down
+    assert torch.equal(processed[~seen], logits[~seen])
+    assert (after[~seen] > before[~seen]).all()
+    assert ((after * seen).sum(-1) < (before * seen).sum(-1)).all()
+    # a single repeated token, of positive or of negative logit: its own probability drops
+    for pick in (logits.argmax(-1), logits.argmin(-1)):
+        one = torch.zeros_like(seen)
+        one[torch.arange(4), pick] = True
+        single = mamba2.process_logits(logits, one, repetition_penalty=1.5).softmax(-1)
+        assert (single[one] < before[one]).all()
+    # a penalty below 1 favours what was seen
+    favoured = mamba2.process_logits(logits, seen, repetition_penalty=0.5).softmax(-1)
+    assert (favoured[~seen] < before[~seen]).all()
+    assert ((favoured * seen).sum(-1) > (before * seen).sum(-1)).all()
+
+
+def test_seeded_sampling_reproducible_and_seed_dependent(lm):
+    ids = lm_ids(2, 5, seed=70)
+
+    def sample(seed):
+        return lm.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.3,
+                           generator=gen(seed))
+    a, b = sample(123), sample(123)
+    assert torch.equal(a, b)
+    others = [sample(s) for s in (1, 2)]
+    assert all(not torch.equal(a, o) for o in others)
+
+
+def test_top_k_sampling_distribution(lm):
+    n = 2000
+    prompt = lm_ids(1, 6, seed=80)
+    with torch.no_grad():
+        first = lm(prompt)[0, -1, :LM_VOCAB].float()
+    top = first.topk(2)
+    p_best = top.values.softmax(-1)[0].item()
+    assert 0.05 < p_best < 0.95     # both tokens have a real chance on this prompt
+    out = lm.generate(prompt.expand(n, -1), max_new_tokens=1, do_sample=True, top_k=2,
+                      generator=gen(0))
+    tokens = out[:, -1]
+    assert set(tokens.tolist()) <= set(top.indices.tolist())
+    freq = (tokens == top.indices[0]).double().mean().item()
+    assert abs(freq - p_best) < 5 * math.sqrt(p_best * (1 - p_best) / n)
+
+
+def test_sampling_distribution_matches_transformers_warpers(lm):
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+    n = 3000
+    prompt = lm_ids(1, 6, seed=81)
+    with torch.no_grad():
+        first = lm(prompt)[:, -1, :LM_VOCAB].float()
+    scores = TopPLogitsWarper(0.9)(prompt, TemperatureLogitsWarper(0.8)(prompt, first.clone()))
+    expected = scores.softmax(-1)[0]
+    out = lm.generate(prompt.expand(n, -1), max_new_tokens=1, do_sample=True, temperature=0.8,
+                      top_p=0.9, generator=gen(1))
+    counts = torch.bincount(out[:, -1], minlength=LM_VOCAB).double() / n
+    assert (counts[expected == 0] == 0).all()
+    assert 0.5 * (counts - expected.double()).abs().sum() < 0.06
+
+
+@pytest.mark.parametrize("kw", [
+    dict(repetition_penalty=1.3),
+    dict(repetition_penalty=0.7),
+    dict(do_sample=True, temperature=0.7),
+    dict(do_sample=True, top_k=7),
+    dict(do_sample=True, top_p=0.8),
+    dict(do_sample=True, min_p=0.1),
+    dict(do_sample=True, repetition_penalty=1.2, temperature=0.5, top_k=20, top_p=0.9, min_p=0.05),
+])
+def test_process_logits_matches_transformers_processors(kw):
+    from transformers.generation.logits_process import (MinPLogitsWarper,
+                                                        RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+    g = gen(5)
+    logits = torch.randn(4, LM_VOCAB, generator=g) * 3
+    ids = torch.randint(0, LM_VOCAB, (4, 12), generator=g)
+    seen = torch.zeros(4, LM_VOCAB, dtype=torch.bool)
+    seen[torch.arange(4)[:, None], ids] = True
+    chain = []
+    if kw.get("repetition_penalty", 1.0) != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"]))
+    if kw.get("do_sample"):
+        if kw.get("temperature", 1.0) != 1.0:
+            chain.append(TemperatureLogitsWarper(kw["temperature"]))
+        if kw.get("top_k", 0):
+            chain.append(TopKLogitsWarper(kw["top_k"]))
+        if kw.get("top_p", 1.0) < 1.0:
+            chain.append(TopPLogitsWarper(kw["top_p"]))
+        if kw.get("min_p", 0.0):
+            chain.append(MinPLogitsWarper(kw["min_p"]))
+    want = logits.clone()
+    for proc in chain:
+        want = proc(ids, want)
+    got = mamba2.process_logits(logits.clone(), seen, **kw)
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    assert torch.isfinite(got).sum(-1).min() >= 1
+    fin = torch.isfinite(want)
+    # measured: equal; the bound is a few fp32 ulps of logits of order 10
+    assert_close(got[fin], want[fin], rtol=1e-6, atol=1e-6, what="processed logits")
+
+
+@pytest.mark.parametrize("eos_kind", ["int", "list"])
+def test_eos_stops_rows_pads_and_stops_early(lm, eos_kind):
+    ids = lm_ids(3, 5, seed=90)
+    free = lm.generate(ids, max_new_tokens=14)[:, 5:]          # no eos: the reference paths
+    if eos_kind == "int":
+        eos = int(free[0, 3])       # row 0 finishes at step 3 at the latest; others maybe never
+        eos_set, pad = {eos}, 99
+        kwargs = dict(eos_token_id=eos, pad_token_id=pad)
+    else:
+        eos = [int(free[0, 2]), int(free[1, 4]), int(free[2, 1])]   # every row ends by step 4
+        eos_set, pad = set(eos), eos[0]                               # default pad: first eos
+        kwargs = dict(eos_token_id=eos)
+    calls = []
+    hook = lm.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = lm.generate(ids, max_new_tokens=14, **kwargs)
+    finally:
+        hook.remove()
+    rows = [first_eos_rule(free[i].tolist(), eos_set, pad) for i in range(3)]
+    if all(done for _, done in rows):
+        steps = max(r.index(next(t for t in r if t in eos_set)) + 1 for r, _ in rows)
+    else:
+        steps = 14
+    if eos_kind == "list":
+        assert steps <= 5      # stopped early
+    assert out.shape == (3, 5 + steps)
+    assert len(calls) == steps  # no forward pass after the last needed token
+    for i, (ref, _) in enumerate(rows):
+        assert out[i, 5:].tolist() == ref[:steps], i
+
+
+def test_streamer_receives_prompt_then_each_token(lm):
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def put(self, value):
+            self.events.append(("put", value.clone()))
+
+        def end(self):
+            self.events.append(("end", None))
+
+    ids = lm_ids(2, 4, seed=95)
+    rec = Recorder()
+    out = lm.generate(ids, max_new_tokens=7, do_sample=True, top_k=10, generator=gen(0),
+                      streamer=rec)
+    kinds = [k for k, _ in rec.events]
+    assert kinds == ["put"] * 8 + ["end"]
+    assert torch.equal(rec.events[0][1], ids)
+    steps = [v for _, v in rec.events[1:-1]]
+    assert all(v.shape == (2,) for v in steps)
+    assert torch.equal(torch.cat([ids] + [v[:, None] for v in steps], dim=1), out)
+    # and when all rows stop early at an eos
+    rec2 = Recorder()
+    free = lm.generate(ids, max_new_tokens=7)
+    eos = [int(free[0, 5]), int(free[1, 5])]
+    out2 = lm.generate(ids, max_new_tokens=7, eos_token_id=eos, pad_token_id=0, streamer=rec2)
+    assert [k for k, _ in rec2.events].count("end") == 1 and rec2.events[-1][0] == "end"
+    assert torch.equal(torch.cat([rec2.events[0][1]] + [v[:, None] for _, v in rec2.events[1:-1]],
+                                 dim=1), out2)
+
+
+def _forbidden(name):
+    def method(*a, **k):
+        raise AssertionError(f"Tensor.{name} called inside the decoding loop (a host sync)")
+    return method
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(do_sample=True, top_k=4, top_p=0.9, temperature=0.8,
+                                             repetition_penalty=1.3)], ids=["greedy", "sampled"])
+def test_decoding_loop_never_synchronises_with_the_host(monkeypatch, kw):
+    """After the prompt's call, Tensor.item / tolist / __bool__ raise: generation (no eos, no
+    streamer) still runs to the end, so no step waits for the device."""
+    model = lm_model(seed=56, **SMALL_LM)
+    ids = torch.randint(0, 30, (2, 5), generator=gen(57))
+    want = model.generate(ids, max_new_tokens=6, generator=gen(1), **kw)
+    real_forward = type(model).forward
+
+    def forward_then_forbid(self, *a, **k):
+        out = real_forward(self, *a, **k)
+        for name in ("item", "tolist", "__bool__"):
+            monkeypatch.setattr(torch.Tensor, name, _forbidden(name))
+        return out
+    monkeypatch.setattr(type(model), "forward", forward_then_forbid)
+    got = model.generate(ids, max_new_tokens=6, generator=gen(1), **kw)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+
+
+def test_static_buffer_step_equals_the_eager_step():
+    """The CUDA-graph step's static buffers (ids in, logits out, caches updated in place), run on
+    a CPU, give the eager step's logits and caches token after token; cuda_graph=True is refused
+    off CUDA and for hybrid models."""
+    model = lm_model(seed=51, **SMALL_LM)
+    ids = torch.randint(0, 30, (3, 5), generator=gen(52))
+    with torch.inference_mode():
+        static_cache = model.allocate_inference_cache(3)
+        eager_cache = model.allocate_inference_cache(3)
+        model(ids, cache=static_cache)
+        model(ids, cache=eager_cache)
+        step = mamba2._StaticDecode(model, static_cache, 3)
+        tokens = ids[:, -1]
+        for _ in range(6):
+            got, want = step(tokens), model._decode(tokens, eager_cache)
+            assert torch.equal(got, want)
+            assert all(torch.equal(a.ssm_state, b.ssm_state) and
+                       torch.equal(a.conv_state, b.conv_state)
+                       for a, b in zip(static_cache, eager_cache))
+            tokens = want[:, :37].argmax(-1)
+    with pytest.raises(ValueError, match="cuda_graph"):          # a CPU model
+        model.generate(ids, max_new_tokens=2, cuda_graph=True)
+    hybrid = hybrid_model(seed=53)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        mamba2._StaticDecode(hybrid, hybrid.allocate_inference_cache(1), 1)
+
+
+# =========================================================================================
+# ==== 16. hybrid models: attention layers
+# =========================================================================================
+
+@pytest.mark.parametrize("attn", [
+    dict(), dict(rotary_emb_interleaved=True), dict(num_heads_kv=1, d_conv=0, mlp_dim=0),
+    dict(num_heads_kv=4, rotary_emb_dim=8, softmax_scale=0.3, qkv_proj_bias=False,
+         out_proj_bias=False), dict(causal=False, rotary_emb_dim=0)],
+    ids=["halves", "interleaved", "mqa,no_conv,no_mlp", "mha,full_rotary,scale", "bidirectional"])
+def test_attention_layer_equals_its_definition(attn):
+    model = hybrid_model(seed=30, attn=attn)
+    mha = model.backbone.layers[1].mixer
+    assert isinstance(mha, mamba2.MHA)
+    x = randn(2, 9, 32, seed=31)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 9])
+    with torch.no_grad():
+        for s in (None, seq_idx):
+            assert_close(mha(x, seq_idx=s), mha_reference(mha, x, s), atol=3e-15,   # 2.2e-16
+                         what=f"seq_idx={s is not None}")
+
+
+def test_rotary_matches_its_definition_at_large_positions():
+    x = randn(2, 5, 3, 8, seed=32)
+    pos = torch.tensor([[0, 1, 2, 1000, 65535], [7, 0, 3, 4, 5]])
+    for interleaved in (False, True):       # measured 9.7e-13: angles of positions up to 65535
+        assert_close(mamba2.rotary(x, pos, 6, 10000.0, interleaved),
+                     rotary_reference(x, pos, 6, 10000.0, interleaved), atol=1e-12,
+                     what=f"interleaved={interleaved}")
+
+
+@pytest.mark.parametrize("sizes", [[13], [1] * 13, [5, 1, 7], [3, 3, 3, 4]],
+                         ids=["whole", "steps", "mixed", "pieces"])
+def test_hybrid_whole_steps_and_pieces_agree(sizes):
+    model = hybrid_model(seed=33)
+    ids = torch.randint(0, 50, (2, 13), generator=gen(34))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.allocate_inference_cache(2, max_seqlen=4)        # it has to grow
+        outs, s = [], 0
+        for k in sizes:
+            outs.append(model(ids[:, s:s + k], cache=cache))
+            s += k
+    assert_close(torch.cat(outs, 1), full, atol=4e-14, what=f"pieces {sizes}")   # 3.1e-15
+    assert cache[1].length == 13 and isinstance(cache[1], mamba2.AttentionCache)
+
+
+def test_hybrid_packed_equals_separate_and_padded_generate_equals_alone():
+    model = hybrid_model(seed=35, learnable_init_states=True)
+    ids = torch.randint(0, 50, (2, 14), generator=gen(36))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 9, [0] * 2 + [3] * 12])
+    with torch.no_grad():
+        packed = model(ids, seq_idx=seq_idx)
+        for r, cut in ((0, 5), (1, 2)):
+            for s, e in ((0, cut), (cut, 14)):
+                assert_close(packed[r:r + 1, s:e], model(ids[r:r + 1, s:e]), atol=3e-14,  # 2.9e-15
+                             what=f"row {r} segment {s}:{e}")
+    prompts = [torch.randint(0, 50, (1, n), generator=gen(n)) for n in (3, 7, 1)]
+    alone = [model.generate(p, max_new_tokens=6) for p in prompts]
+    padded, mask = left_pad(prompts, pad_value=0)
+    out = model.generate(padded, attention_mask=mask, max_new_tokens=6)
+    for i, p in enumerate(prompts):
+        assert torch.equal(out[i, 7:], alone[i][0, p.shape[1]:]), i
+
+
+def test_hybrid_training_paths_and_non_finite_keys():
+    """The fused loss and the memory-efficient path work through attention layers (gradients
+    equal the plain path's); a NaN planted at a later token or in another segment reaches no
+    earlier or other output."""
+    plain = hybrid_model(seed=39, use_mem_eff_path=False)
+    eff = hybrid_model(seed=39, use_mem_eff_path=True)
+    ids = torch.randint(0, 50, (2, 10), generator=gen(40))
+    grads = []
+    for m in (plain, eff):
+        m.train()
+        m.zero_grad()
+        m(ids, labels=ids).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for n in grads[0]:
+        assert_close(grads[0][n], grads[1][n], atol=1e-15, what=n)          # measured: equal
+    mha = plain.backbone.layers[1].mixer
+    x = randn(2, 10, 32, seed=41)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 6, [0] * 10])
+    with torch.no_grad():
+        clean = mha(x, seq_idx=seq_idx)
+        dirty = mha(plant(x, 0, 2, 5, math.nan), seq_idx=seq_idx)
+        assert torch.equal(dirty[0, :2], clean[0, :2]) and torch.equal(dirty[0, 4:], clean[0, 4:])
+        assert torch.equal(dirty[1], clean[1]) and not torch.isfinite(dirty[0, 2:4]).any()
+        cache = mha.allocate_inference_cache(2)          # the NaN in segment 0 of the prompt
+        mha(plant(x, 0, 2, 5, math.nan)[:, :6], seq_idx=seq_idx[:, :6], cache=cache)
+        step = mha(x[:, 6:7], cache=cache)               # continues segment 1: never sees it
+        assert torch.isfinite(step).all()
+        assert_close(torch.cat([dirty[:, 4:6], step], 1)[0], mha(x[:1, 4:7])[0], atol=4e-15,
+                     what="segment 1 through the cache vs alone")
+
+
+def test_hybrid_failed_call_leaves_attention_caches_as_they_were(monkeypatch):
+    model = hybrid_model(seed=42)
+    cache = model.allocate_inference_cache(2)
+    with torch.no_grad():
+        model(torch.randint(0, 50, (2, 5), generator=gen(43)), cache=cache)
+    before = [c.state() if isinstance(c, mamba2.AttentionCache) else
+              (c.conv_state.clone(), c.ssm_state.clone()) for c in cache]
+
+    def boom(*a, **k):
+        raise RuntimeError("layer 2 failed")
+    monkeypatch.setattr(model.backbone.layers[2].mixer, "_through_cache", boom)
+    for l in (1, 3):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="layer 2"):
+            model(torch.randint(0, 50, (2, l), generator=gen(44)), cache=cache)
+        after = cache[1].state()
+        assert after[0] == before[1][0] and all(torch.equal(a, b) for a, b in
+                                                zip(after[1:], before[1][1:]))
+        assert torch.equal(cache[0].ssm_state, before[0][1])
+        assert torch.equal(cache[0].conv_state, before[0][0])
+
+
+def test_hybrid_checkpoint_in_the_official_layout(tmp_path):
+    """A small checkpoint with mamba2attn-2.7b's config keys (attention at some layers, no qkv or
+    out biases, d_conv 4, rotary on half of head_dim) written as mamba_ssm writes it loads, runs,
+    and saves back out with the same keys."""
+    config = {"d_model": 64, "d_intermediate": 0, "n_layer": 4, "vocab_size": 50,
+              "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 8},
+              "attn_layer_idx": [1, 3],
+              "attn_cfg": {"causal": True, "d_conv": 4, "head_dim": 16, "num_heads": 4,
+                           "out_proj_bias": False, "qkv_proj_bias": False, "rotary_emb_dim": 8},
+              "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+              "pad_vocab_size_multiple": 16, "tie_embeddings": True}
+    src = randomize(Mamba2LMHeadModel(mamba2._config_from_mamba_ssm(config), dtype=torch.float32),
+                    37)
+    d = tmp_path / "mamba2attn"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    state = src.state_dict()
+    assert "backbone.layers.1.mixer.conv1d.bias" in state          # always there, as official
+    assert state["backbone.layers.1.mixer.in_proj.weight"].shape == (16 * 12, 64)
+    torch.save(dict(state), d / "pytorch_model.bin")
+    loaded = Mamba2LMHeadModel.from_pretrained(d)
+    ids = torch.randint(0, 50, (2, 11), generator=gen(38))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), src(ids))
+    assert torch.equal(loaded.generate(ids[:1, :4], max_new_tokens=5),
+                       src.generate(ids[:1, :4], max_new_tokens=5))
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["attn_layer_idx"] == [1, 3] and again["attn_cfg"] == config["attn_cfg"]
+    with pytest.raises(ValueError, match="attention"):
+        loaded.save_pretrained(tmp_path / "tf", format="transformers")
+
+
+# =========================================================================================
+# ==== 17. backbone and classifier
+# =========================================================================================
+
+def test_backbone_hidden_states_are_lm_pre_head(lm):
+    ids = lm_ids(2, 13, seed=8)
+    captured = []
+    hook = lm.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
+    try:
+        with torch.no_grad():
+            logits = lm(ids)
+    finally:
+        hook.remove()
+    backbone = Mamba2Model(lm.config, dtype=torch.float64)
+    backbone.load_state_dict(lm.backbone.state_dict())
+    with torch.no_grad():
+        hidden = backbone(ids)
+    assert hidden.shape == (2, 13, 32)
+    assert torch.equal(hidden, captured[0])
+    assert torch.equal(lm.lm_head(hidden), logits)
+
+
+@pytest.mark.parametrize("learnable", [False, True], ids=["zeros", "learnable_init_states"])
+@pytest.mark.parametrize("side", ["left", "right", "both"])
+def test_sequence_classification_padding_equals_alone(side, learnable):
+    clf = lm_model(seed=9, cls=functools.partial(Mamba2ForSequenceClassification, num_labels=3),
+                   ngroups=2, learnable_init_states=learnable)
+    seqs = [lm_ids(1, n, seed=100 + n) for n in (4, 21, 13)]
+    l = 21
+    ids = torch.full((3, l), 5, dtype=torch.long)
+    mask = torch.zeros(3, l, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = s.shape[1]
+        start = {"left": l - n, "right": 0, "both": (l - n) // 2}[side]
+        sl = slice(start, start + n)
+        ids[i, sl], mask[i, sl] = s[0], 1
+    with torch.no_grad():
+        got = clf(ids, attention_mask=mask)
+        alone = torch.cat([clf(s) for s in seqs])
+        manual = torch.cat([clf.score(clf.backbone(s)[:, -1]) for s in seqs])
+    assert got.shape == (3, 3)
+    assert_close(alone, manual, atol=1e-15, what="pooled at the last token")    # measured: equal
+    assert_close(got, alone, atol=2e-14, what="padded vs alone")                # measured 1.2e-15
+
+
+# =========================================================================================
+# ==== 18. command line
+# =========================================================================================
+
+def test_command_line_greedy_generation(tmp_path):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    words = ("[UNK] [PAD] [EOS] the a cat dog bird sat ran flew on under over mat house tree and "
+             "then big small red blue green quick slow happy sad one two three four five").split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]",
+                                                pad_token="[PAD]", eos_token="[EOS]")
+    d = tmp_path / "cli_model"
+    model = lm_model(seed=3, dtype=torch.float32, emb_std=1.0, vocab_size=len(words),
+                     tie_embeddings=False, pad_vocab_size_multiple=8)
+    with torch.no_grad():
+        model.lm_head.weight[:3] = 0     # special tokens never win: the continuation is 5 words
+    model.save_pretrained(d)
+    fast.save_pretrained(d)
+
+    prompt = "the quick cat sat on"
+    proc = subprocess.run([sys.executable, "mamba2.py", prompt, "--model", str(d),
+                           "--max-new-tokens", "5", "--seed", "0", "--temperature", "0",
+                           "--device", "cpu"],
+                          cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # the same generation in process: CLI defaults (repetition penalty 1.1), greedy because the
+    # temperature is 0
+    loaded = Mamba2LMHeadModel.from_pretrained(d)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = loaded.generate(ids, max_new_tokens=5, do_sample=False, repetition_penalty=1.1,
+                          eos_token_id=tokenizer.eos_token_id)
+    assert out.shape[1] == ids.shape[1] + 5
+    full = tokenizer.decode(out[0], skip_special_tokens=True)
+    continuation = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert len(continuation.split()) == 5
+    assert prompt in proc.stdout
+    assert full in proc.stdout
+    assert any("tokens/s" in line for line in proc.stdout.splitlines())
+    text = proc.stdout.split("[5 tokens")[0].strip()
+    assert text == full
+
+
+def test_command_line_default_model_offline():
+    """`python mamba2.py PROMPT` with no --model runs offline on the shipped model."""
+    run = subprocess.run([sys.executable, "mamba2.py", "def add(a, b):", "--max-new-tokens", "12",
+                          "--device", "cpu"],
+                         cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "def add(a, b):" in run.stdout and "tokens/s" in run.stdout
+
+
+CLI_MISTAKES = [
+    (["hi", "--model", "/no/such/dir"], "does not exist"),
+    (["hi", "--model", "README.md"], "is a file"),
+    (["hi", "--model", "no-such-org/no-such-model"], "could not be fetched"),
+    (["hi", "--max-new-tokens", "-1"], "--max-new-tokens"),
+    (["hi", "--temperature", "-1"], "--temperature"),
+    (["hi", "--top-p", "0"], "--top-p"),
+    (["hi", "--top-k", "-3"], "--top-k"),
+    (["hi", "--repetition-penalty", "0"], "--repetition-penalty"),
+    ([""], "prompt is empty"),
+    (["hi", "--device", "nonsense"], "--device"),
+]
+if not torch.cuda.is_available():
+    CLI_MISTAKES.append((["hi", "--device", "cuda"], "--device cuda"))
+
+
+@pytest.mark.parametrize("argv, message", CLI_MISTAKES, ids=[" ".join(a) for a, _ in CLI_MISTAKES])
+def test_command_line_mistakes_are_one_line_errors(argv, message):
+    run = subprocess.run([sys.executable, "mamba2.py", *argv], cwd=REPO, capture_output=True,
+                         env=OFFLINE_ENV, timeout=120)
+    err = run.stderr.decode()
+    assert run.returncode == 2, err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+
+
+def test_command_line_non_utf8_prompt_and_closed_pipe():
+    run = subprocess.run([sys.executable, "mamba2.py", os.fsdecode(b"a\xff")], cwd=REPO,
+                         capture_output=True, env=OFFLINE_ENV, timeout=120)
+    assert run.returncode == 2 and b"UTF-8" in run.stderr and b"Traceback" not in run.stderr
+    run = subprocess.run(f"{shlex.quote(sys.executable)} mamba2.py 'def f(x):' "
+                         "--max-new-tokens 300 | head -c 5", shell=True, cwd=REPO,
+                         capture_output=True, env=OFFLINE_ENV, timeout=120)
+    assert run.returncode == 0 and len(run.stdout) == 5, (run.returncode, run.stdout)
+    assert b"Traceback" not in run.stderr and b"Error" not in run.stderr, run.stderr
+
+
+# =========================================================================================
+# ==== 19. the shipped model, the scripts, the notebook, the benchmark, the README
+# =========================================================================================
+
+def _held_out_stdlib_files(data: dict) -> list:
+    """The standard-library files train.py held out for validation (its seeded hash of the path),
+    read from this interpreter's standard library."""
+    import sysconfig
+
+    import train
+    stdlib = Path(data["stdlib_dir"])
+    if not stdlib.is_dir():
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return [p for p in train.list_stdlib_files(stdlib)
+            if train.is_validation_file(p.relative_to(stdlib).as_posix(), data["val_fraction"],
+                                        data["seed"])]
+
+
+def test_shipped_model_loads_and_beats_the_bigram_baseline():
+    """The default model is in the repo (<= 10 MB) and loads offline; its recorded validation
+    loss beats the bigram baseline; its loss computed here on the held-out standard-library files
+    (the first 256 tokens of each) beats that bigram baseline by a margin and is close to the
+    recorded loss; and it continues Python: greedy after a `def` line comes an indented body one
+    level deeper than the def (for a method too), with varied tokens and no end-of-text."""
+    from transformers import AutoTokenizer
+    folder = Path(mamba2.DEFAULT_MODEL)
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert size <= 10 * 2**20, f"shipped model folder is {size / 2**20:.1f} MB"
+    model = Mamba2LMHeadModel.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    log = json.loads((folder / "train_log.json").read_text())
+    bigram = log["final"]["baselines_full"]["bigram"]                 # 4.84 nats/token
+    assert log["final"]["val_loss_full"] < bigram - 0.5               # recorded: 3.745
+    files = _held_out_stdlib_files(log["data"])
+    assert len(files) >= 20, [str(f) for f in files]                  # 33 for CPython 3.11.7
+    rows = [tok(f.read_text(encoding="utf-8")[:4096]).input_ids[:256] for f in files]
+    ids = torch.tensor([r for r in rows if len(r) == 256])
+    assert ids.shape[0] >= 20
+    with torch.no_grad():
+        loss = model(ids, labels=ids).item()
+    # Measured: 3.58 on CPython 3.11.7's 32 held-out files of >= 256 tokens; a model that had
+    # lost its training (or read its weights wrongly) is at 6.7 (unigram) or above.
+    assert loss < bigram - 0.5, (loss, bigram)
+    assert abs(loss - log["final"]["val_loss_full"]) < 0.5, loss
+    for prompt, indent in (("def fibonacci(n):", 4),
+                           ("class Stack:\n    def push(self, item):", 8)):
+        prompt_ids = tok(prompt, return_tensors="pt").input_ids
+        out = model.generate(prompt_ids, max_new_tokens=40)
+        new = out[0, prompt_ids.shape[1]:]
+        continuation = tok.decode(new)
+        assert torch.equal(out[0, :prompt_ids.shape[1]], prompt_ids[0])
+        assert continuation.startswith("\n" + " " * indent), continuation
+        assert not continuation.startswith("\n" + " " * (indent + 1)), continuation
+        assert len(set(new.tolist())) >= 10, continuation
+        assert tok.eos_token not in continuation, continuation
+
+
+def test_demo_features_script_checks_hold():
+    run = subprocess.run([sys.executable, "demo_features.py"], cwd=REPO, env=OFFLINE_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "all checks passed" in run.stdout
+
+
+def test_train_quick_loss_drops(tmp_path):
+    """train.py --quick: a tiny model on a tiny corpus; validation loss must fall well below its
+    start, and the checkpoint it writes reloads."""
+    import train
+    log = train.main(["--quick", "--out", str(tmp_path / "quick")])
+    val = [row["val_loss"] for row in log["history"] if row.get("val_loss") is not None]
+    assert val[-1] < val[0] - 1.0, val
+    reloaded = Mamba2LMHeadModel.from_pretrained(tmp_path / "quick")
+    assert reloaded.config.n_layer >= 1
+
+
+def test_demo_notebook_executes_offline():
+    """demo.ipynb runs offline on the shipped model; its batched cell prints, for every prompt,
+    whether the left-padded row equals the prompt generated alone: all must say True."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(REPO / "demo.ipynb", as_version=4)
+    old = dict(os.environ)
+    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(REPO)}}).execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                      for o in c.get("outputs", []))
+    assert "tokens/s" in outputs and "ms per token" in outputs
+    verdicts = re.findall(r"same as alone: (\w+)", outputs)
+    assert verdicts == ["True", "True"], outputs        # two prompts of different lengths
+    latencies = [float(ms) for ms in re.findall(r"context +\d+: ([\d.]+) ms per token", outputs)]
+    assert len(latencies) == 4 and all(ms > 0 for ms in latencies), outputs
+
+
+def test_bench_smoke(tmp_path):
+    """The benchmark runs end to end at tiny sizes, every section reports, and the cross-checks it
+    records hold: ours and transformers agree on the same weights (block output, greedy tokens,
+    training loss), the memory-efficient and plain paths give the same loss, compiled equals
+    eager, bf16 is close to fp32, one sequence split over 2 processes gives the loss of one; the
+    decode section reports the step against its bound (with the state) for batches 1 and 8 and
+    the hybrid model's latency at every context. Timings are never asserted."""
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(tmp_path)],
+                         cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "bench.json").read_text())
+    results = report["results"]
+    assert set(results) == {"block", "memory", "decode", "train", "bf16", "compile", "chunk",
+                            "context"}
+    assert (tmp_path / "bench.md").read_text().count("\n|") >= 15
+    for name in ("throughput.png", "memory.png", "decode_latency.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert results["block"]["max_abs_diff_vs_transformers"] < 6e-6             # measured 6.0e-7
+    decode = results["decode"]
+    assert decode["generate"]["same_tokens"] is True      # the quick vocabulary has no padding
+    assert {p["batch"] for p in decode["steps"]} >= {1, 8}
+    assert all(p["step_over_floor_with_state"] > 0 for p in decode["steps"])
+    assert len(decode["hybrid"]["contexts"]) == len(decode["contexts"])
+    losses = results["train"]["loss"]
+    assert losses["ours mem-eff"] == losses["ours plain"]
+    # relative difference measured 1.5e-7 (fp32)
+    assert abs(losses["transformers"] - losses["ours mem-eff"]) < 2e-6 * losses["ours plain"]
+    assert results["compile"]["max_abs_diff"] < 1e-6                          # measured: 0
+    assert results["compile"]["graph_break_count"] == 0
+    assert results["bf16"]["block"]["max_rel_diff"] < 5e-2                    # measured 9.0e-3
+    assert all(p["ours_over_floor"] > 0 for p in results["block"]["points"])
+    # context parallelism: the same training loss on 1 and on 2 gloo processes (fp32; measured
+    # 4.8e-7 apart, on a loss of 6.2)
+    points = results["context"]["points"]
+    assert not [p for p in points if "error" in p], points
+    assert {p["ranks"] for p in points} >= {1, 2}
+    assert all(p["loss_diff_vs_1"] < 5e-6 for p in points), points
+
+
+# -------------------------------------------------------------------------------------- README
+
+def _readme_python_blocks():
+    """(first line number, code) of every ```python block of README.md."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return [(text[:m.start(1)].count("\n") + 1, m.group(1))
+            for m in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", text, flags=re.S | re.M)]
+
+
+README_BLOCKS = _readme_python_blocks()
+# a quoted "org/name" that is no file of the repo: a hub id (a model or a tokenizer)
+_HUB_ID = re.compile(r"""(["'])([A-Za-z0-9][\w.-]*/[\w.-]+)\1""")
+
+
+def _offline_readme_code(code: str) -> str:
+    """The block with every hub id swapped for the shipped model (which holds a tokenizer)."""
+    def swap(m):
+        if (REPO / m.group(2)).exists():
+            return m.group(0)
+        return repr(mamba2.DEFAULT_MODEL)
+    return _HUB_ID.sub(swap, code)
+
+
+def test_readme_python_blocks_are_found_and_their_hub_ids_swapped():
+    """The extraction finds README.md's python blocks (the layer and the checkpoint examples),
+    and the offline copy of each names no hub id any more (state-spaces/mamba2-130m and the
+    GPT-NeoX tokenizer become the shipped model)."""
+    assert len(README_BLOCKS) >= 2
+    hub_ids = {m.group(2) for _, code in README_BLOCKS for m in _HUB_ID.finditer(code)
+               if not (REPO / m.group(2)).exists()}
+    assert hub_ids, "no hub id found: the swap below is not exercised"
+    for _, code in README_BLOCKS:
+        offline = _offline_readme_code(code)
+        assert not [m.group(2) for m in _HUB_ID.finditer(offline)
+                    if not (REPO / m.group(2)).exists()], offline
+
+
+@pytest.mark.parametrize("line, code", README_BLOCKS,
+                         ids=[f"README.md:{line}" for line, _ in README_BLOCKS])
+def test_readme_python_block_runs_offline(line, code):
+    """Every ```python block of README.md runs, each alone in a fresh interpreter, from the repo
+    root, offline: the hub ids it names are swapped for the shipped model. A block that needs what
+    this machine lacks says so on its first line (`# needs: cuda` or `# needs: network`)."""
+    first = code.lstrip().splitlines()[0] if code.strip() else ""
+    needs = re.match(r"#\s*needs:\s*(\w+)", first)
+    if needs and needs.group(1) == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"README.md:{line} needs CUDA, which this machine lacks")
+    if needs and needs.group(1) == "network":
+        pytest.skip(f"README.md:{line} needs the network; the tests run offline")
+    env = {**OFFLINE_ENV, "MPLBACKEND": "Agg", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}        # for a block that starts a process group
+    run = subprocess.run([sys.executable, "-c", _offline_readme_code(code)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        pytest.fail(f"README.md python block at line {line} failed (status {run.returncode}):\n"
+                    f"{run.stderr[-3000:]}\n---- the block ----\n{code}", pytrace=False)
+
+
+# =========================================================================================
+# ==== 20. distributed training: DDP, FSDP2
+# =========================================================================================
 
 _DIST_WORKER = r'''
 import datetime, os, sys
@@ -1998,17 +3969,19 @@ STEPS, GLOBAL_BATCH, LENGTH, VOCAB = 3, 4, 10, 40
 
 def build_model():
     torch.manual_seed(1234)
-    cfg = Mamba2Config(d_model=16, n_layer=2, d_state=4, headdim=8, d_conv=3, chunk_size=4, vocab_size=VOCAB,
-                       pad_vocab_size_multiple=8)
+    cfg = Mamba2Config(d_model=16, n_layer=2, d_state=4, headdim=8, d_conv=3, chunk_size=4,
+                       vocab_size=VOCAB, pad_vocab_size_multiple=8)
     return Mamba2LMHeadModel(cfg, dtype=torch.float64)
 
 
 def global_batch():
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, LENGTH + 1), generator=torch.Generator().manual_seed(99))
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, LENGTH + 1),
+                         generator=torch.Generator().manual_seed(99))
 
 
 def train(model, ids, full=lambda t: t, prefix=""):
-    """STEPS of AdamW on next-token cross entropy; returns (losses, gradients after step 1, final weights)."""
+    """STEPS of AdamW on next-token cross entropy; returns (losses, gradients after step 1,
+    final weights)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses, grads = [], None
     name = lambda n: n[len(prefix):] if n.startswith(prefix) else n
@@ -2029,7 +4002,8 @@ def run_rank(rank, world, port, out):
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     ids = global_batch().chunk(world)[rank]            # each rank: its half of the global batch
     results = {}
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -2052,8 +4026,9 @@ def run_rank(rank, world, port, out):
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
-    # Leave without the interpreter's and c10d's teardown: under heavy load a gloo rank occasionally aborted
-    # there ("terminate called without an active exception", exit -6) after all work was done and saved.
+    # Leave without the interpreter's and c10d's teardown: under heavy load a gloo rank
+    # occasionally aborted there ("terminate called without an active exception", exit -6) after
+    # all work was done and saved.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -2064,23 +4039,20 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
-    """Two gloo processes train the same tiny LM with DDP, then with FSDP2; plus the single-process run."""
+    """Two gloo processes train the same tiny LM with DDP, then with FSDP2; plus the
+    single-process run."""
     tmp = tmp_path_factory.mktemp("dist")
     script, out = tmp / "worker.py", tmp / "rank0.pt"
     script.write_text(_DIST_WORKER)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(port), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), "2", str(port), str(out)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
     logs = []
     try:
         for proc in procs:
@@ -2100,14 +4072,16 @@ def dist_runs(tmp_path_factory):
 
 def _compare_training(got: dict, single, build_model):
     losses, grads, weights = single
-    assert torch.allclose(got["losses"], losses, rtol=0, atol=1e-6), (got["losses"], losses)
+    # float64; measured (DDP and FSDP2): losses 4.4e-16, gradients 2.8e-17, weights 2.2e-16
+    assert_close(got["losses"], losses, atol=5e-15, what="losses")
     assert set(got["grads"]) == set(grads) and set(got["weights"]) == set(weights)
     for n in grads:
         assert got["grads"][n].shape == grads[n].shape, n
-        assert torch.allclose(got["grads"][n], grads[n], rtol=0, atol=1e-6), n
+        assert_close(got["grads"][n], grads[n], atol=3e-16, what=f"gradient of {n}")
     for n in weights:
-        assert torch.allclose(got["weights"][n], weights[n], rtol=0, atol=1e-6), n
-    # the training really moved the weights and the loss: the comparison is not between untouched copies
+        assert_close(got["weights"][n], weights[n], atol=3e-15, what=f"trained {n}")
+    # the training really moved the weights and the loss: the comparison is not between untouched
+    # copies
     init = dict(build_model().named_parameters())
     assert max((weights[n] - init[n]).abs().max().item() for n in weights) > 1e-3
     assert losses[-1] < losses[0]
@@ -2121,912 +4095,8 @@ def test_ddp_two_processes_equal_single_process_full_batch(dist_runs):
 def test_fsdp2_fully_shard_two_processes_equal_single_process_full_batch(dist_runs):
     results, single, ns = dist_runs
     if "fsdp_error" in results:
-        pytest.skip(f"FSDP2 fully_shard on CPU/gloo failed in torch {torch.__version__}: {results['fsdp_error']}")
+        pytest.skip(f"FSDP2 fully_shard on CPU/gloo failed in torch {torch.__version__}: "
+                    f"{results['fsdp_error']}")
     _compare_training(results["fsdp"], single, ns["build_model"])
 
 
-# ================================================================================= 5. safety
-
-class _Payload:
-    """Unpickling this object runs a shell command that creates `marker` (stands for any attack)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(self.marker)}",)
-
-
-@pytest.mark.parametrize("how", ["torch_save", "plain_pickle", "sharded_index"])
-def test_from_pretrained_never_executes_checkpoint_code(tmp_path, how):
-    marker = tmp_path / "PWNED"
-    # the payload is live: plain unpickling runs it
-    pickle.loads(pickle.dumps(_Payload(tmp_path / "probe")))
-    assert (tmp_path / "probe").exists()
-
-    d = tmp_path / "evil"
-    model = _small_lm(seed=40)
-    model.save_pretrained(d)
-    from safetensors.torch import load_file
-    state = load_file(str(d / "model.safetensors"))
-    (d / "model.safetensors").unlink()
-    evil = {**state, "backbone.norm_f.weight": _Payload(marker)}
-    if how == "torch_save":
-        torch.save(evil, d / "pytorch_model.bin")
-    elif how == "plain_pickle":
-        (d / "pytorch_model.bin").write_bytes(pickle.dumps(evil))
-    else:
-        shard = "pytorch_model-00001-of-00001.bin"
-        torch.save(evil, d / shard)
-        (d / "pytorch_model.bin.index.json").write_text(
-            '{"metadata": {}, "weight_map": {' + ", ".join(f'"{k}": "{shard}"' for k in state) + "}}")
-    with pytest.raises(ValueError, match=r"(?i)refus"):
-        Mamba2LMHeadModel.from_pretrained(d)
-    assert not marker.exists(), "loading a checkpoint executed code from it"
-
-
-# ====================================================================================================
-# THE LANGUAGE MODEL: checkpoints in both formats, generation, command line
-# ====================================================================================================
-
-
-
-# ============================================================================================ helpers
-
-_LM_VOCAB = 100
-
-
-def _lm_config(**kw) -> Mamba2Config:
-    """d_model 32, 2 layers, d_state 8, headdim 8 (8 heads), chunks of 16, vocab 100 padded to 112."""
-    base = dict(d_model=32, n_layer=2, d_state=8, headdim=8, expand=2, d_conv=4, chunk_size=16,
-                vocab_size=_LM_VOCAB, pad_vocab_size_multiple=16)
-    base.update(kw)
-    return Mamba2Config(**base)
-
-
-@torch.no_grad()
-def _lm_randomize(model: torch.nn.Module, seed: int = 0, emb_std: float = 0.3) -> torch.nn.Module:
-    """Make every parameter matter: norms and D away from 1, a spread of step sizes, O(1) logits."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        def rnd(lo, hi):
-            return (torch.rand(p.shape, generator=gen, dtype=torch.float64) * (hi - lo) + lo).to(p.dtype)
-        if name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith("norm2.weight") \
-                or name.endswith(".D"):
-            p.copy_(rnd(0.5, 1.5))
-        elif name.endswith("dt_bias"):
-            p.copy_(rnd(-3.0, 0.5))
-        elif name.endswith("conv1d.bias"):
-            p.copy_(rnd(-0.3, 0.3))
-        elif "embedding" in name or "embeddings" in name or name.startswith("lm_head"):
-            p.copy_((torch.randn(p.shape, generator=gen, dtype=torch.float64) * emb_std).to(p.dtype))
-    return model
-
-
-def _lm_model(dtype=torch.float64, seed=0, **kw) -> Mamba2LMHeadModel:
-    torch.manual_seed(seed)
-    return _lm_randomize(Mamba2LMHeadModel(_lm_config(**kw), dtype=dtype), seed=seed).eval()
-
-
-def _lm_ids(b, l, seed=0, high=_LM_VOCAB):
-    return torch.randint(0, high, (b, l), generator=torch.Generator().manual_seed(seed))
-
-
-def _lm_hf_model(g=1, tie=False, seed=0, vocab=_LM_VOCAB, hidden=64, heads=8, head_dim=16, state=16,
-                 chunk=16, layers=2):
-    import transformers
-    cfg = transformers.Mamba2Config(hidden_size=hidden, num_hidden_layers=layers, state_size=state,
-                                    head_dim=head_dim, num_heads=heads, n_groups=g, expand=2, conv_kernel=4,
-                                    chunk_size=chunk, vocab_size=vocab, tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    return transformers.Mamba2ForCausalLM(cfg).eval()
-
-
-def _lm_official_keys(n_layer: int, d_intermediate: int) -> set:
-    """The state-dict names of mamba_ssm's MambaLMHeadModel with Mamba2 mixers (written out by hand)."""
-    keys = {"backbone.embedding.weight", "backbone.norm_f.weight", "lm_head.weight"}
-    for i in range(n_layer):
-        pre = f"backbone.layers.{i}."
-        keys |= {pre + "norm.weight", pre + "mixer.in_proj.weight", pre + "mixer.conv1d.weight",
-                 pre + "mixer.conv1d.bias", pre + "mixer.dt_bias", pre + "mixer.A_log", pre + "mixer.D",
-                 pre + "mixer.norm.weight", pre + "mixer.out_proj.weight"}
-        if d_intermediate > 0:
-            keys |= {pre + "norm2.weight", pre + "mlp.fc1.weight", pre + "mlp.fc2.weight"}
-    return keys
-
-
-def _lm_write_official(directory: Path, model: Mamba2LMHeadModel) -> dict:
-    """Write config.json + pytorch_model.bin as mamba_ssm does (lm_head stored even when tied)."""
-    cfg = model.config
-    directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "d_model": cfg.d_model, "d_intermediate": cfg.d_intermediate, "n_layer": cfg.n_layer,
-        "vocab_size": cfg.vocab_size,
-        "ssm_cfg": {"layer": "Mamba2", "d_state": cfg.d_state, "d_conv": cfg.d_conv, "expand": cfg.expand,
-                    "headdim": cfg.headdim, "ngroups": cfg.ngroups, "chunk_size": cfg.chunk_size},
-        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
-        "fused_add_norm": True, "pad_vocab_size_multiple": 16, "tie_embeddings": cfg.tie_embeddings,
-    }
-    (directory / "config.json").write_text(json.dumps(config))
-    ours = model.state_dict()
-    state = {k: ours[k].detach().clone() for k in sorted(_lm_official_keys(cfg.n_layer, cfg.d_intermediate))}
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["backbone.embedding.weight"]
-    torch.save(state, directory / "pytorch_model.bin")
-    return state
-
-
-# ============================================================================ 1. checkpoints: transformers
-
-@pytest.mark.parametrize("g,tie", [(1, False), (1, True), (2, False), (2, True)])
-def test_transformers_checkpoint_logits_and_greedy_generate(tmp_path, g, tie):
-    hf = _lm_randomize(_lm_hf_model(g=g, tie=tie, seed=g), seed=10 + g).double()
-    hf.save_pretrained(tmp_path)
-    ours = Mamba2LMHeadModel.from_pretrained(tmp_path)
-    assert ours.dtype == torch.float64
-    assert ours.config.ngroups == g and ours.config.tie_embeddings == tie
-    assert ours.config.d_model == 64 and ours.config.nheads == 8 and ours.config.d_state == 16
-    for l in (1, 7, 37):
-        ids = _lm_ids(2, l, seed=l)
-        with torch.no_grad():
-            want = hf(ids).logits.double()
-            got = ours(ids)
-        assert got.shape[:2] == (2, l) and got.shape[-1] >= _LM_VOCAB
-        # transformers runs parts of the block in fp32 even for a fp64 model
-        torch.testing.assert_close(got[..., :_LM_VOCAB], want, rtol=1e-4, atol=1e-4)
-    prompt = _lm_ids(2, 5, seed=99)
-    # an explicit mask: transformers would otherwise take prompt tokens equal to pad_token_id for padding
-    want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False,
-                       eos_token_id=hf.config.eos_token_id, pad_token_id=hf.config.pad_token_id)
-    got = ours.generate(prompt, max_new_tokens=10, eos_token_id=hf.config.eos_token_id,
-                        pad_token_id=hf.config.pad_token_id)
-    assert torch.equal(got, want)
-
-
-def test_transformers_sharded_checkpoint(tmp_path):
-    hf = _lm_randomize(_lm_hf_model(g=2, tie=False, seed=3), seed=4)
-    hf.save_pretrained(tmp_path / "one")
-    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
-    index = tmp_path / "sharded" / "model.safetensors.index.json"
-    assert index.is_file()
-    shards = set(json.loads(index.read_text())["weight_map"].values())
-    assert len(shards) > 1
-    whole = Mamba2LMHeadModel.from_pretrained(tmp_path / "one")
-    sharded = Mamba2LMHeadModel.from_pretrained(tmp_path / "sharded")
-    a, b = whole.state_dict(), sharded.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ids = _lm_ids(2, 21, seed=5)
-    with torch.no_grad():
-        want = hf(ids).logits
-        got = sharded(ids)
-    assert torch.equal(got, whole(ids))
-    torch.testing.assert_close(got[..., :_LM_VOCAB], want, rtol=1e-4, atol=1e-4)
-
-
-# ============================================================================== 1. checkpoints: mamba_ssm
-
-@pytest.mark.parametrize("tie,d_intermediate,g", [(True, 0, 1), (False, 0, 2), (True, 40, 2), (False, 40, 1)])
-def test_official_checkpoint_reproduces_logits(tmp_path, tie, d_intermediate, g):
-    src = _lm_model(dtype=torch.float32, seed=7, tie_embeddings=tie, d_intermediate=d_intermediate, ngroups=g)
-    assert set(src.state_dict()) == _lm_official_keys(2, d_intermediate)
-    state = _lm_write_official(tmp_path, src)
-    if d_intermediate:   # official GatedMLP: hidden rounded up to a multiple of 128, fc1 holds value and gate
-        assert state["backbone.layers.0.mlp.fc1.weight"].shape == (2 * 128, 32)
-        assert state["backbone.layers.0.mlp.fc2.weight"].shape == (32, 128)
-    assert state["backbone.embedding.weight"].shape == (112, 32)
-    assert state["backbone.layers.1.mixer.in_proj.weight"].shape == (2 * 64 + 2 * g * 8 + 8, 32)
-    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
-    assert loaded.config.d_intermediate == d_intermediate and loaded.config.ngroups == g
-    assert loaded.config.tie_embeddings == tie and loaded.config.padded_vocab_size == 112
-    ids = _lm_ids(3, 29, seed=1)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids), src(ids))
-
-
-@pytest.mark.parametrize("tie,g", [(True, 1), (False, 2)])
-def test_official_checkpoint_matches_transformers_oracle(tmp_path, tie, g):
-    import transformers
-    src = _lm_model(dtype=torch.float32, seed=8, tie_embeddings=tie, ngroups=g)
-    state = _lm_write_official(tmp_path, src)
-    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
-    # the same weights in transformers' implementation (its vocabulary is the padded one, 112)
-    hf = _lm_hf_model(g=g, tie=tie, vocab=112, hidden=32, heads=8, head_dim=8, state=8)
-    renamed = {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v for k, v in state.items()}
-    result = hf.load_state_dict(renamed, strict=False)
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if not (tie and k == "lm_head.weight")]
-    assert torch.equal(hf.lm_head.weight, state["lm_head.weight"])
-    for l in (1, 7, 37):
-        ids = _lm_ids(2, l, seed=20 + l)
-        with torch.no_grad():
-            want = hf(ids).logits
-            got = loaded(ids)
-        torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-4)
-
-
-# ============================================================================ 1. checkpoints: round trip
-
-@pytest.mark.parametrize("tie", [True, False])
-def test_save_pretrained_round_trip_and_bfloat16(tmp_path, tie):
-    src = _lm_model(dtype=torch.float32, seed=11, tie_embeddings=tie, ngroups=2, d_intermediate=24,
-                    dt_limit=(0.0, 2.0))
-    src.save_pretrained(tmp_path)
-    loaded = Mamba2LMHeadModel.from_pretrained(tmp_path)
-    assert loaded.config == src.config
-    assert loaded.config.to_dict() == src.config.to_dict()
-    a, b = src.state_dict(), loaded.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    tied = loaded.lm_head.weight is loaded.backbone.embedding.weight
-    assert tied == tie
-    ids = _lm_ids(2, 19, seed=2)
-    with torch.no_grad():
-        assert torch.equal(loaded(ids), src(ids))
-
-    bf = Mamba2LMHeadModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    c = bf.state_dict()
-    assert c.keys() == a.keys()
-    for k in a:       # D stays fp32 in a bf16 model, as official: the stored fp32 value as it is
-        want = torch.float32 if k.endswith(".D") else torch.bfloat16
-        assert c[k].dtype == want, k
-        assert torch.equal(c[k], a[k].to(want)), k
-    assert (bf.lm_head.weight is bf.backbone.embedding.weight) == tie
-    with torch.no_grad():
-        full, low = src(ids), bf(ids)
-    assert low.dtype == torch.bfloat16
-    assert (low.float() - full).abs().max() <= 0.1 * full.abs().max()
-
-
-# ================================================================================= 1. checkpoints: errors
-
-def _lm_saved(tmp_path) -> Path:
-    d = tmp_path / "ckpt"
-    _lm_model(dtype=torch.float32, seed=12, tie_embeddings=False).save_pretrained(d)
-    return d
-
-
-def test_from_pretrained_missing_directory(tmp_path):
-    missing = tmp_path / "no" / "such" / "checkpoint"
-    with pytest.raises(ValueError, match="does not exist"):
-        Mamba2LMHeadModel.from_pretrained(missing)
-
-
-def test_from_pretrained_unknown_config_format(tmp_path):
-    d = _lm_saved(tmp_path)
-    (d / "config.json").write_text(json.dumps({"architectures": ["SomethingElse"], "width": 32}))
-    with pytest.raises(ValueError, match="format"):
-        Mamba2LMHeadModel.from_pretrained(d)
-
-
-@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape"])
-def test_from_pretrained_tensor_mismatch_names_the_tensor(tmp_path, problem):
-    from safetensors.torch import load_file, save_file
-    d = _lm_saved(tmp_path)
-    state = load_file(str(d / "model.safetensors"))
-    if problem == "missing":
-        name = "backbone.layers.1.mixer.D"
-        del state[name]
-    elif problem == "unexpected":
-        name = "backbone.layers.0.mixer.surplus_bias"
-        state[name] = torch.zeros(3)
-    else:
-        name = "backbone.layers.0.mixer.A_log"
-        state[name] = torch.zeros(9)
-    save_file(state, str(d / "model.safetensors"))
-    with pytest.raises(ValueError) as info:
-        Mamba2LMHeadModel.from_pretrained(d)
-    assert name in str(info.value)
-
-
-def test_from_pretrained_truncated_safetensors(tmp_path):
-    d = _lm_saved(tmp_path)
-    f = d / "model.safetensors"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError):
-        Mamba2LMHeadModel.from_pretrained(d)
-
-
-def test_from_pretrained_truncated_bin(tmp_path):
-    _lm_write_official(tmp_path, _lm_model(dtype=torch.float32, seed=13))
-    f = tmp_path / "pytorch_model.bin"
-    data = f.read_bytes()
-    f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError):
-        Mamba2LMHeadModel.from_pretrained(tmp_path)
-
-
-class _LmPayload:
-    """Unpickling this object runs code that creates `marker` (stands for an arbitrary attack)."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('pwned')",)
-
-
-def test_from_pretrained_refuses_malicious_pickle(tmp_path):
-    model = _lm_model(dtype=torch.float32, seed=14)
-    d = tmp_path / "evil"
-    state = _lm_write_official(d, model)
-    marker = tmp_path / "marker_from_checkpoint"
-    torch.save({**state, "backbone.layers.0.mixer.D": _LmPayload(marker)}, d / "pytorch_model.bin")
-    # the payload is live: unrestricted unpickling of the same kind of file does run it
-    probe_marker = tmp_path / "marker_from_probe"
-    torch.save({"x": _LmPayload(probe_marker)}, tmp_path / "probe.bin")
-    torch.load(tmp_path / "probe.bin", weights_only=False)
-    assert probe_marker.exists()
-    with pytest.raises(ValueError):
-        Mamba2LMHeadModel.from_pretrained(d)
-    assert not marker.exists()
-
-
-# ================================================================================================ 2. forward
-
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("chunk_logits", [1 << 25, 64], ids=["one_chunk", "one_token_chunks"])
-def test_labels_loss_equals_cross_entropy_of_logits(tie, chunk_logits, monkeypatch):
-    """forward(labels=) (the fused loss that never holds the logits) == F.cross_entropy on the returned logits,
-    shifted by one, with -100 ignored: the value and every parameter's gradient, float64."""
-    monkeypatch.setattr(mamba2, "LOSS_CHUNK_LOGITS", chunk_logits)
-    torch.manual_seed(60)
-    model = Mamba2LMHeadModel(Mamba2Config(d_model=16, d_state=4, headdim=8, n_layer=2, vocab_size=37,
-                                           chunk_size=4, tie_embeddings=tie), dtype=F64)
-    ids = torch.randint(0, 37, (2, 11), generator=_gen(61))
-    labels = ids.clone()
-    labels[0, 3], labels[1, :4] = -100, -100
-    params = [p for p in model.parameters()]
-    loss = model(ids, labels=labels)
-    got = torch.autograd.grad(loss, params)
-    logits = model(ids)[..., :37]                                # the real vocabulary (padded to 48)
-    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    want = torch.autograd.grad(ref, params)
-    assert_rel(loss, ref, 1e-13, "loss")
-    for (name, _), a, b in zip(model.named_parameters(), got, want):
-        assert_rel(a, b, 1e-11, f"d loss / d {name}")
-    with torch.no_grad():
-        assert_rel(model(ids, labels=labels), ref, 1e-13, "loss without gradients")
-
-
-def test_labels_loss_bfloat16_close_to_float32():
-    torch.manual_seed(62)
-    model = Mamba2LMHeadModel(Mamba2Config(d_model=32, d_state=8, headdim=8, n_layer=2, vocab_size=50))
-    model16 = copy.deepcopy(model).to(torch.bfloat16)
-    ids = torch.randint(0, 50, (2, 33), generator=_gen(63))
-    loss32 = model(ids, labels=ids)
-    loss32.backward()
-    grad32 = model.lm_head.weight.grad
-    loss16 = model16(ids, labels=ids)
-    loss16.backward()
-    assert loss16.dtype == torch.float32                       # the loss is taken in fp32, as transformers does
-    assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
-    assert _norm_rel(model16.lm_head.weight.grad, grad32) < 5e-2
-    auto = copy.deepcopy(model)
-    auto.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):         # fp32 weights, bf16 products
-        loss_auto = auto(ids, labels=ids)
-    loss_auto.backward()
-    assert loss_auto.dtype == torch.float32 and auto.lm_head.weight.grad.dtype == torch.float32
-    assert abs(loss_auto.item() - loss32.item()) < 2e-2 * loss32.item()
-    assert _norm_rel(auto.lm_head.weight.grad, grad32) < 5e-2
-
-
-def test_num_last_tokens_equals_full_forward():
-    model = _lm_model(ngroups=2)
-    ids = _lm_ids(2, 23, seed=3)
-    with torch.no_grad():
-        full = model(ids)
-        assert torch.equal(model(ids, num_last_tokens=0), full)
-        for k in (1, 5, 23):
-            last = model(ids, num_last_tokens=k)
-            assert last.shape == (2, k, 112)
-            torch.testing.assert_close(last, full[:, -k:], rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="num_last_tokens"):
-        model(ids, num_last_tokens=-1)
-
-
-@pytest.mark.parametrize("kw", [dict(ngroups=2), dict(d_intermediate=24, tie_embeddings=False)])
-def test_cache_in_pieces_equals_full_forward(kw):
-    model = _lm_model(**kw)
-    l = 270   # longer than one CPU block (256 tokens), not a multiple of the chunk length
-    ids = _lm_ids(2, l, seed=4)
-    with torch.no_grad():
-        full = model(ids)
-        cache = model.allocate_inference_cache(2)
-        assert len(cache) == 2
-        pieces = []
-        for start, end in [(0, 1), (1, 6), (6, 263)]:
-            pieces.append(model(ids[:, start:end], cache=cache))
-        for t in range(263, l):
-            pieces.append(model(ids[:, t:t + 1], cache=cache))
-        got = torch.cat(pieces, dim=1)
-    assert got.shape == full.shape
-    torch.testing.assert_close(got, full, rtol=0, atol=1e-10)
-
-
-def test_seq_idx_packing_equals_separate_runs():
-    model = _lm_model(ngroups=2, d_intermediate=24)
-    lengths = [5, 19, 1, 12]            # segments cross chunk boundaries (chunks of 16)
-    seqs = [_lm_ids(1, n, seed=30 + i) for i, n in enumerate(lengths)]
-    packed = torch.cat(seqs, dim=1)
-    seq_idx = torch.cat([torch.full((1, n), i, dtype=torch.int32) for i, n in enumerate(lengths)], dim=1)
-    with torch.no_grad():
-        got = model(packed, seq_idx=seq_idx)
-        want = torch.cat([model(s) for s in seqs], dim=1)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
-        # two rows packed differently in one batch
-        other = torch.cat([seqs[3], seqs[1], seqs[0], seqs[2]], dim=1)
-        idx2 = torch.cat([torch.full((1, n), i, dtype=torch.int32)
-                          for i, n in enumerate([12, 19, 5, 1])], dim=1)
-        got2 = model(torch.cat([packed, other]), seq_idx=torch.cat([seq_idx, idx2]))
-        want2 = torch.cat([model(s) for s in (seqs[3], seqs[1], seqs[0], seqs[2])], dim=1)
-    torch.testing.assert_close(got2[0], want[0], rtol=0, atol=1e-10)
-    torch.testing.assert_close(got2[1], want2[0], rtol=0, atol=1e-10)
-
-
-# ============================================================================================= 3. generation
-
-@pytest.fixture(scope="module")
-def lm_gen_model():
-    return _lm_model(seed=21, ngroups=2)
-
-
-def _lm_left_pad(prompts, pad_value):
-    l = max(p.shape[1] for p in prompts)
-    ids = torch.full((len(prompts), l), pad_value, dtype=torch.long)
-    mask = torch.zeros(len(prompts), l, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, l - p.shape[1]:] = p[0]
-        mask[i, l - p.shape[1]:] = 1
-    return ids, mask
-
-
-@pytest.mark.parametrize("penalty", [1.0, 1.7])
-def test_left_padded_batch_equals_each_prompt_alone(lm_gen_model, penalty):
-    model = lm_gen_model
-    prompts = [_lm_ids(1, n, seed=40 + n) for n in (3, 7, 1)]
-    alone = [model.generate(p, max_new_tokens=6, repetition_penalty=penalty) for p in prompts]
-    # pad with a real token id, the one the shortest prompt continues with: padding must be ignored, also by
-    # the repetition penalty (were the pads counted as seen, that token would be penalised in the last row)
-    pad_value = int(alone[2][0, 1])
-    ids, mask = _lm_left_pad(prompts, pad_value=pad_value)
-    out = model.generate(ids, max_new_tokens=6, attention_mask=mask, repetition_penalty=penalty)
-    assert out.shape == (3, ids.shape[1] + 6)
-    assert torch.equal(out[:, :ids.shape[1]], ids)
-    for i, p in enumerate(prompts):
-        assert torch.equal(out[i, ids.shape[1]:], alone[i][0, p.shape[1]:]), i
-
-
-def test_max_new_tokens_zero_returns_prompt(lm_gen_model):
-    ids = _lm_ids(2, 4, seed=1)
-    assert torch.equal(lm_gen_model.generate(ids, max_new_tokens=0), ids)
-
-
-@pytest.mark.parametrize("kw", [dict(top_k=1), dict(top_p=1e-9), dict(min_p=1.0), dict(temperature=0.0),
-                                dict(temperature=0.0, top_k=50, top_p=0.9), dict(temperature=1e-7)])
-def test_degenerate_sampling_equals_greedy(lm_gen_model, kw):
-    model = lm_gen_model
-    ids = _lm_ids(2, 6, seed=50)
-    greedy = model.generate(ids, max_new_tokens=10)
-    # precondition for the tiny-temperature case: the top-2 logits along the greedy path are well apart
-    with torch.no_grad():
-        logits = model(greedy[:, :-1])[:, ids.shape[1] - 1:, :_LM_VOCAB].float()
-    top2 = logits.topk(2, dim=-1).values
-    assert (top2[..., 0] - top2[..., 1]).min() > 1e-3
-    for seed in (0, 1):
-        g = torch.Generator().manual_seed(seed)
-        sampled = model.generate(ids, max_new_tokens=10, do_sample=True, generator=g, **kw)
-        assert torch.equal(sampled, greedy), (kw, seed)
-
-
-def test_greedy_with_repetition_penalty_matches_reference(lm_gen_model):
-    """Teacher-forced oracle: each greedy token is the argmax of the CTRL-penalised full-forward logits."""
-    model, penalty = lm_gen_model, 2.5
-    ids = _lm_ids(2, 8, seed=60)
-    out = model.generate(ids, max_new_tokens=12, repetition_penalty=penalty)
-    plain = model.generate(ids, max_new_tokens=12)
-    with torch.no_grad():
-        logits = model(out[:, :-1])[..., :_LM_VOCAB].float()
-    l = ids.shape[1]
-    for t in range(12):
-        step = logits[:, l - 1 + t].clone()
-        for row in range(2):
-            seen = out[row, :l + t].unique()
-            v = step[row, seen]
-            step[row, seen] = torch.where(v < 0, v * penalty, v / penalty)
-        assert torch.equal(step.argmax(-1), out[:, l + t]), t
-    assert not torch.equal(out, plain)   # the penalty changed something on this prompt
-
-
-def test_repetition_penalty_lowers_seen_probabilities():
-    gen = torch.Generator().manual_seed(3)
-    logits = torch.randn(4, _LM_VOCAB, generator=gen) * 2
-    seen = torch.rand(4, _LM_VOCAB, generator=gen) < 0.2
-    before = logits.softmax(-1)
-    processed = mamba2.process_logits(logits, seen, repetition_penalty=1.5)
-    after = processed.softmax(-1)
-    assert (processed[seen] < logits[seen]).all()           # every seen logit moves down (none is exactly 0)
-    assert torch.equal(processed[~seen], logits[~seen])
-    assert (after[~seen] > before[~seen]).all()
-    assert ((after * seen).sum(-1) < (before * seen).sum(-1)).all()
-    # a single repeated token, of positive or of negative logit: its own probability drops
-    for pick in (logits.argmax(-1), logits.argmin(-1)):
-        one = torch.zeros_like(seen)
-        one[torch.arange(4), pick] = True
-        single = mamba2.process_logits(logits, one, repetition_penalty=1.5).softmax(-1)
-        assert (single[one] < before[one]).all()
-    # a penalty below 1 favours what was seen
-    favoured = mamba2.process_logits(logits, seen, repetition_penalty=0.5).softmax(-1)
-    assert (favoured[~seen] < before[~seen]).all()
-    assert ((favoured * seen).sum(-1) > (before * seen).sum(-1)).all()
-
-
-def test_seeded_sampling_reproducible_and_seed_dependent(lm_gen_model):
-    ids = _lm_ids(2, 5, seed=70)
-
-    def sample(seed):
-        return lm_gen_model.generate(ids, max_new_tokens=15, do_sample=True, temperature=1.3,
-                                     generator=torch.Generator().manual_seed(seed))
-    a, b = sample(123), sample(123)
-    assert torch.equal(a, b)
-    others = [sample(s) for s in (1, 2)]
-    assert all(not torch.equal(a, o) for o in others)
-
-
-def test_top_k_sampling_distribution(lm_gen_model):
-    model, n = lm_gen_model, 2000
-    prompt = _lm_ids(1, 6, seed=80)
-    with torch.no_grad():
-        first = model(prompt)[0, -1, :_LM_VOCAB].float()
-    top = first.topk(2)
-    p_best = top.values.softmax(-1)[0].item()
-    assert 0.05 < p_best < 0.95     # both tokens have a real chance on this prompt
-    out = model.generate(prompt.expand(n, -1), max_new_tokens=1, do_sample=True, top_k=2,
-                         generator=torch.Generator().manual_seed(0))
-    tokens = out[:, -1]
-    assert set(tokens.tolist()) <= set(top.indices.tolist())
-    freq = (tokens == top.indices[0]).double().mean().item()
-    assert abs(freq - p_best) < 5 * math.sqrt(p_best * (1 - p_best) / n)
-
-
-def test_sampling_distribution_matches_transformers_warpers(lm_gen_model):
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-    model, n = lm_gen_model, 3000
-    prompt = _lm_ids(1, 6, seed=81)
-    with torch.no_grad():
-        first = model(prompt)[:, -1, :_LM_VOCAB].float()
-    scores = TopPLogitsWarper(0.9)(prompt, TemperatureLogitsWarper(0.8)(prompt, first.clone()))
-    expected = scores.softmax(-1)[0]
-    out = model.generate(prompt.expand(n, -1), max_new_tokens=1, do_sample=True, temperature=0.8, top_p=0.9,
-                         generator=torch.Generator().manual_seed(1))
-    counts = torch.bincount(out[:, -1], minlength=_LM_VOCAB).double() / n
-    assert (counts[expected == 0] == 0).all()
-    assert 0.5 * (counts - expected.double()).abs().sum() < 0.06
-
-
-@pytest.mark.parametrize("kw", [
-    dict(repetition_penalty=1.3),
-    dict(repetition_penalty=0.7),
-    dict(do_sample=True, temperature=0.7),
-    dict(do_sample=True, top_k=7),
-    dict(do_sample=True, top_p=0.8),
-    dict(do_sample=True, min_p=0.1),
-    dict(do_sample=True, repetition_penalty=1.2, temperature=0.5, top_k=20, top_p=0.9, min_p=0.05),
-])
-def test_process_logits_matches_transformers_processors(kw):
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
-    gen = torch.Generator().manual_seed(5)
-    logits = torch.randn(4, _LM_VOCAB, generator=gen) * 3
-    ids = torch.randint(0, _LM_VOCAB, (4, 12), generator=gen)
-    seen = torch.zeros(4, _LM_VOCAB, dtype=torch.bool)
-    seen[torch.arange(4)[:, None], ids] = True
-    chain = []
-    if kw.get("repetition_penalty", 1.0) != 1.0:
-        chain.append(RepetitionPenaltyLogitsProcessor(kw["repetition_penalty"]))
-    if kw.get("do_sample"):
-        if kw.get("temperature", 1.0) != 1.0:
-            chain.append(TemperatureLogitsWarper(kw["temperature"]))
-        if kw.get("top_k", 0):
-            chain.append(TopKLogitsWarper(kw["top_k"]))
-        if kw.get("top_p", 1.0) < 1.0:
-            chain.append(TopPLogitsWarper(kw["top_p"]))
-        if kw.get("min_p", 0.0):
-            chain.append(MinPLogitsWarper(kw["min_p"]))
-    want = logits.clone()
-    for proc in chain:
-        want = proc(ids, want)
-    got = mamba2.process_logits(logits.clone(), seen, **kw)
-    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
-    assert torch.isfinite(got).sum(-1).min() >= 1
-    fin = torch.isfinite(want)
-    torch.testing.assert_close(got[fin], want[fin], rtol=1e-6, atol=1e-6)
-
-
-def _lm_first_eos_rule(tokens, eos, pad):
-    """Reference: keep tokens up to and including the first eos, pad afterwards; None when no eos."""
-    out, done = [], False
-    for t in tokens:
-        out.append(pad if done else t)
-        done = done or t in eos
-    return out, done
-
-
-@pytest.mark.parametrize("eos_kind", ["int", "list"])
-def test_eos_stops_rows_pads_and_stops_early(lm_gen_model, eos_kind):
-    model = lm_gen_model
-    ids = _lm_ids(3, 5, seed=90)
-    free = model.generate(ids, max_new_tokens=14)[:, 5:]          # no eos: the reference paths
-    if eos_kind == "int":
-        eos = int(free[0, 3])       # row 0 finishes at step 3 at the latest; others maybe never
-        eos_set, pad = {eos}, 99
-        kwargs = dict(eos_token_id=eos, pad_token_id=pad)
-    else:
-        eos = [int(free[0, 2]), int(free[1, 4]), int(free[2, 1])]   # every row finishes by step 4
-        eos_set, pad = set(eos), eos[0]                               # default pad: the first eos id
-        kwargs = dict(eos_token_id=eos)
-    calls = []
-    hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        out = model.generate(ids, max_new_tokens=14, **kwargs)
-    finally:
-        hook.remove()
-    rows = [_lm_first_eos_rule(free[i].tolist(), eos_set, pad) for i in range(3)]
-    if all(done for _, done in rows):
-        steps = max(r.index(next(t for t in r if t in eos_set)) + 1 for r, _ in rows)
-    else:
-        steps = 14
-    if eos_kind == "list":
-        assert steps <= 5      # stopped early
-    assert out.shape == (3, 5 + steps)
-    assert len(calls) == steps  # no forward pass after the last needed token
-    for i, (ref, _) in enumerate(rows):
-        assert out[i, 5:].tolist() == ref[:steps], i
-
-
-def test_streamer_receives_prompt_then_each_token(lm_gen_model):
-    class Recorder:
-        def __init__(self):
-            self.events = []
-
-        def put(self, value):
-            self.events.append(("put", value.clone()))
-
-        def end(self):
-            self.events.append(("end", None))
-
-    ids = _lm_ids(2, 4, seed=95)
-    rec = Recorder()
-    out = lm_gen_model.generate(ids, max_new_tokens=7, do_sample=True, top_k=10,
-                                generator=torch.Generator().manual_seed(0), streamer=rec)
-    kinds = [k for k, _ in rec.events]
-    assert kinds == ["put"] * 8 + ["end"]
-    assert torch.equal(rec.events[0][1], ids)
-    steps = [v for _, v in rec.events[1:-1]]
-    assert all(v.shape == (2,) for v in steps)
-    assert torch.equal(torch.cat([ids] + [v[:, None] for v in steps], dim=1), out)
-    # and when all rows stop early at an eos
-    rec2 = Recorder()
-    free = lm_gen_model.generate(ids, max_new_tokens=7)
-    eos = [int(free[0, 5]), int(free[1, 5])]
-    out2 = lm_gen_model.generate(ids, max_new_tokens=7, eos_token_id=eos, pad_token_id=0, streamer=rec2)
-    assert [k for k, _ in rec2.events].count("end") == 1 and rec2.events[-1][0] == "end"
-    assert torch.equal(torch.cat([rec2.events[0][1]] + [v[:, None] for _, v in rec2.events[1:-1]], dim=1), out2)
-
-
-@pytest.mark.parametrize("kw,name", [
-    (dict(temperature=-0.5), "temperature"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"),
-    (dict(min_p=-0.1), "min_p"),
-    (dict(min_p=1.5), "min_p"),
-    (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(repetition_penalty=-1.0), "repetition_penalty"),
-    (dict(max_new_tokens=-1), "max_new_tokens"),
-    (dict(attention_mask=torch.ones(2, 5, dtype=torch.long)), "attention_mask"),
-    (dict(attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])), "attention_mask"),
-])
-def test_generate_argument_validation(lm_gen_model, kw, name):
-    ids = _lm_ids(2, 4, seed=7)
-    with pytest.raises(ValueError, match=name):
-        lm_gen_model.generate(ids, **{"max_new_tokens": 3, **kw})
-
-
-@pytest.mark.parametrize("bad", [-1, 112, 1000])
-def test_generate_rejects_out_of_range_ids(lm_gen_model, bad):
-    ids = _lm_ids(2, 4, seed=7)
-    ids[1, 2] = bad
-    with pytest.raises(ValueError):
-        lm_gen_model.generate(ids, max_new_tokens=2)
-    with pytest.raises(ValueError):
-        lm_gen_model(ids)
-
-
-# ================================================================================ 4. backbone, classifier
-
-def test_backbone_hidden_states_are_lm_pre_head(lm_gen_model):
-    model = lm_gen_model
-    ids = _lm_ids(2, 13, seed=8)
-    captured = []
-    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: captured.append(inp[0]))
-    try:
-        with torch.no_grad():
-            logits = model(ids)
-    finally:
-        hook.remove()
-    backbone = Mamba2Model(model.config, dtype=torch.float64)
-    backbone.load_state_dict(model.backbone.state_dict())
-    with torch.no_grad():
-        hidden = backbone(ids)
-    assert hidden.shape == (2, 13, 32)
-    assert torch.equal(hidden, captured[0])
-    assert torch.equal(model.lm_head(hidden), logits)
-
-
-@pytest.mark.parametrize("side", ["left", "right", "both"])
-def test_sequence_classification_padding_equals_alone(side):
-    torch.manual_seed(0)
-    clf = _lm_randomize(Mamba2ForSequenceClassification(_lm_config(ngroups=2), num_labels=3,
-                                                         dtype=torch.float64), seed=9).eval()
-    seqs = [_lm_ids(1, n, seed=100 + n) for n in (4, 21, 13)]
-    l = 21
-    ids = torch.full((3, l), 5, dtype=torch.long)
-    mask = torch.zeros(3, l, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = s.shape[1]
-        start = {"left": l - n, "right": 0, "both": (l - n) // 2}[side]
-        sl = slice(start, start + n)
-        ids[i, sl], mask[i, sl] = s[0], 1
-    with torch.no_grad():
-        got = clf(ids, attention_mask=mask)
-        alone = torch.cat([clf(s) for s in seqs])
-        manual = torch.cat([clf.score(clf.backbone(s)[:, -1]) for s in seqs])
-    assert got.shape == (3, 3)
-    torch.testing.assert_close(alone, manual, rtol=0, atol=1e-12)
-    torch.testing.assert_close(got, alone, rtol=0, atol=1e-10)
-
-
-# ============================================================================================ 5. command line
-
-def test_command_line_greedy_generation(tmp_path):
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    words = ("[UNK] [PAD] [EOS] the a cat dog bird sat ran flew on under over mat house tree and then "
-             "big small red blue green quick slow happy sad one two three four five").split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                                eos_token="[EOS]")
-    d = tmp_path / "cli_model"
-    torch.manual_seed(0)
-    model = _lm_randomize(Mamba2LMHeadModel(_lm_config(vocab_size=len(words), tie_embeddings=False,
-                                                       pad_vocab_size_multiple=8)), seed=3, emb_std=1.0)
-    with torch.no_grad():
-        model.lm_head.weight[:3] = 0     # special tokens never win: the continuation is 5 real words
-    model.save_pretrained(d)
-    fast.save_pretrained(d)
-
-    prompt = "the quick cat sat on"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "mamba2.py", prompt, "--model", str(d), "--max-new-tokens", "5",
-                           "--seed", "0", "--temperature", "0", "--device", "cpu"],
-                          cwd=Path(mamba2.__file__).resolve().parent, env=env, capture_output=True, text=True,
-                          timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-    # the same generation in process: CLI defaults (repetition penalty 1.1), greedy because temperature is 0
-    loaded = Mamba2LMHeadModel.from_pretrained(d)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(d))
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    out = loaded.generate(ids, max_new_tokens=5, do_sample=False, repetition_penalty=1.1,
-                          eos_token_id=tokenizer.eos_token_id)
-    assert out.shape[1] == ids.shape[1] + 5
-    full = tokenizer.decode(out[0], skip_special_tokens=True)
-    continuation = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    assert len(continuation.split()) == 5
-    assert prompt in proc.stdout
-    assert full in proc.stdout
-    assert any("tokens/s" in line for line in proc.stdout.splitlines())
-    text = proc.stdout.split("[5 tokens")[0].strip()
-    assert text == full
-
-
-# ====================================================================================================
-# THE SHIPPED MODEL, THE SCRIPTS AND THE NOTEBOOK
-# ====================================================================================================
-
-REPO = Path(__file__).resolve().parent
-OFFLINE_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-
-
-def test_shipped_model_loads_and_beats_the_bigram_baseline():
-    """The default model is in the repo (<= 10 MB), loads offline, its recorded validation loss beats the bigram
-    baseline, its loss on Python source computed here beats the unigram entropy, and it continues Python."""
-    from transformers import AutoTokenizer
-    folder = Path(mamba2.DEFAULT_MODEL)
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    assert size <= 10 * 2**20, f"shipped model folder is {size / 2**20:.1f} MB"
-    model = Mamba2LMHeadModel.from_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    log = json.loads((folder / "train_log.json").read_text())
-    assert log["final"]["val_loss_full"] < log["final"]["baselines_full"]["bigram"]
-    # The loss on a text of the domain, computed here, is far below uniform and unigram entropy.
-    text = Path(mamba2.__file__).read_text()[:6000]
-    ids = torch.tensor([tok(text).input_ids[:1024]])
-    with torch.no_grad():
-        logits = model(ids)[0, :-1, :model.config.vocab_size]
-    loss = F.cross_entropy(logits, ids[0, 1:]).item()
-    assert loss < log["baselines"]["unigram"], (loss, log["baselines"])
-    out = model.generate(tok("def fibonacci(n):", return_tensors="pt").input_ids, max_new_tokens=40)
-    continuation = tok.decode(out[0])
-    assert any(word in continuation for word in ("return", "if", "self", "=", "(")), continuation
-
-
-def test_command_line_default_model_offline():
-    """`python mamba2.py PROMPT` with no --model runs offline on the shipped model."""
-    run = subprocess.run([sys.executable, "mamba2.py", "def add(a, b):", "--max-new-tokens", "12", "--device", "cpu"],
-                         cwd=REPO, env=OFFLINE_ENV, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "def add(a, b):" in run.stdout and "tokens/s" in run.stdout
-
-
-def test_demo_features_script_checks_hold():
-    run = subprocess.run([sys.executable, "demo_features.py"], cwd=REPO, env=OFFLINE_ENV, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert "all checks passed" in run.stdout
-
-
-def test_train_quick_loss_drops(tmp_path):
-    """train.py --quick: a tiny model on a tiny corpus; validation loss must fall well below its start."""
-    import train
-    log = train.main(["--quick", "--out", str(tmp_path / "quick")])
-    val = [row["val_loss"] for row in log["history"] if row.get("val_loss") is not None]
-    assert val[-1] < val[0] - 1.0, val
-    reloaded = Mamba2LMHeadModel.from_pretrained(tmp_path / "quick")
-    assert reloaded.config.n_layer >= 1
-
-
-def test_demo_notebook_executes_offline():
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    nb = nbformat.read(REPO / "demo.ipynb", as_version=4)
-    old = dict(os.environ)
-    os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(REPO)}}).execute()
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "tokens/s" in outputs and "ms per token" in outputs
-
-
-def test_bench_smoke(tmp_path):
-    """The benchmark runs end to end at tiny sizes, every section reports, and the cross-checks it records hold:
-    ours and transformers agree on the same weights (block output, greedy tokens, training loss), the memory-
-    efficient and plain paths give the same loss, compiled equals eager, bf16 is close to fp32. Timings are
-    never asserted."""
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(tmp_path)], cwd=REPO, env=OFFLINE_ENV,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    report = json.loads((tmp_path / "bench.json").read_text())
-    results = report["results"]
-    assert set(results) == {"block", "memory", "decode", "train", "bf16", "compile", "chunk"}
-    assert (tmp_path / "bench.md").read_text().count("\n|") >= 15
-    for name in ("throughput.png", "memory.png", "decode_latency.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-    assert results["block"]["max_abs_diff_vs_transformers"] < 1e-4
-    assert results["decode"]["generate"]["same_tokens"] is True      # the quick vocabulary has no padding rows
-    losses = results["train"]["loss"]
-    assert losses["ours mem-eff"] == losses["ours plain"]
-    assert abs(losses["transformers"] - losses["ours mem-eff"]) < 1e-4 * losses["ours plain"]
-    assert results["compile"]["max_abs_diff"] < 1e-5 and results["compile"]["graph_break_count"] == 0
-    assert results["bf16"]["block"]["max_rel_diff"] < 5e-2
-    assert all(p["ours_over_floor"] > 0 for p in results["block"]["points"])
