@@ -1368,10 +1368,13 @@ class _CacheUpdate(NamedTuple):
             self.cache.seq_id = self.seq_id.to(torch.int64).clone()
 
     def final_state(self) -> torch.Tensor:
-        """The state after the call, its own tensor (a later call must not change it)."""
+        """The state after the call, its own tensor (a later call must not change it), in the
+        scan's dtype (fp32 for a bf16 cache) as every final state."""
         if not isinstance(self.ssm, _StepUpdate):
             return self.ssm
-        return _apply_step(self.start, self.ssm, inplace=False)
+        cdt = _compute_dtype(self.start.dtype)
+        return _apply_step(_cast(self.start, cdt),
+                           _StepUpdate(*(_cast(t, cdt) for t in self.ssm)), inplace=False)
 
 
 class Mamba2(nn.Module):

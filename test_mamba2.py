@@ -5689,8 +5689,6 @@ def test_bf16_layer_keeps_D_A_and_final_states_in_fp32():
     assert y.dtype == BF16 and final.dtype == torch.float32
 
 
-@pytest.mark.xfail(strict=True, reason="REAL: a one-token cached call returns the final state in "
-                                       "the cache's dtype (bf16), a longer one in fp32")
 def test_bf16_layer_final_state_of_a_cached_step_is_fp32():
     torch.manual_seed(11)
     layer = Mamba2(Mamba2Config(d_model=16, d_state=4, headdim=8, chunk_size=4), dtype=BF16)
