@@ -5690,6 +5690,8 @@ def test_bf16_layer_keeps_D_A_and_final_states_in_fp32():
 
 
 def test_bf16_layer_final_state_of_a_cached_step_is_fp32():
+    """A one-token cached call's final state is fp32 too, like a longer call's (it once came back
+    in the cache's dtype, bf16)."""
     torch.manual_seed(11)
     layer = Mamba2(Mamba2Config(d_model=16, d_state=4, headdim=8, chunk_size=4), dtype=BF16)
     cache = layer.allocate_inference_cache(2)
@@ -6045,3 +6047,51 @@ def test_attention_uses_the_configured_softmax_scale(scale):
         out = torch.einsum("bhlm,bmd->blhd", scores.softmax(-1), v).flatten(-2)
         want = F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
         assert _rel(mha(x), want) <= 1e-12
+
+
+# ===================================================== 11. segments that start inside a cached call
+
+def _hybrid_lm(seed):
+    """Mamba-2 layers 0 and 2 with learned initial states, an attention layer at 1."""
+    return _mu_lm(seed=seed, d_model=32, n_layer=3, vocab_size=50, attn_layer_idx=[1],
+               learnable_init_states=True,
+               attn_cfg=dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=4, causal=True,
+                             d_conv=3, mlp_dim=16))
+
+
+def test_packed_pieces_through_a_cache_equal_the_whole_in_logits():
+    """Packed rows fed through a cache in pieces (a new segment starting inside a piece, at a
+    piece's first token, and one token at a time) give the logits of the whole packed forward, an
+    attention layer included: each segment starts from the learned initial state, and the cache's
+    segment start and rotary positions move exactly to the new segment's first token. Logits,
+    not greedy tokens: an off-by-one start can leave the argmax unchanged."""
+    model = _hybrid_lm(31)
+    ids = _ids(2, 12, vocab=50, seed=32)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7, [0] * 2 + [2] * 4 + [3] * 6])
+    with torch.no_grad():
+        whole = model(ids, seq_idx=seq_idx)
+        for sizes in ([4, 3, 1, 1, 3], [6, 6], [1] * 12):
+            cache = model.allocate_inference_cache(2, max_seqlen=4)
+            outs, s = [], 0
+            for k in sizes:
+                outs.append(model(ids[:, s:s + k], cache=cache, seq_idx=seq_idx[:, s:s + k]))
+                s += k
+            assert _rel(torch.cat(outs, 1), whole) <= 1e-12, sizes
+
+
+def test_left_padded_prompt_decodes_with_the_logits_of_the_prompt_alone():
+    """generate's contract at the level of logits: a left-padded prompt (padding as a segment of
+    its own) prefilled through a cache, then decoded token by token, gives at every step the
+    logits the prompt alone gives."""
+    model = _hybrid_lm(33)
+    prompt, steps = _ids(1, 3, vocab=50, seed=34), _ids(1, 4, vocab=50, seed=35)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), prompt], 1)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 3])
+    with torch.no_grad():
+        logits = []
+        for ids, seg in ((prompt, None), (padded, seq_idx)):
+            cache = model.allocate_inference_cache(1)
+            out = [model(ids, cache=cache, seq_idx=seg, num_last_tokens=1)[:, -1]]
+            out += [model(steps[:, i:i + 1], cache=cache)[:, -1] for i in range(4)]
+            logits.append(torch.stack(out))
+        assert _rel(logits[1], logits[0]) <= 1e-12
