@@ -5789,26 +5789,6 @@ except Exception:  # pragma: no cover - transformers is in requirements.txt
 needs_transformers = pytest.mark.skipif(hf_mamba2 is None, reason="transformers not installed")
 
 
-class _Float32IsFloat64(types.ModuleType):
-    """`torch` inside transformers' modeling_mamba2 with float32 meaning float64."""
-    float32 = torch.float64
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-
-@contextlib.contextmanager
-def _hf_in_float64(monkeypatch):
-    """transformers' pure-PyTorch Mamba-2 casts to float32 inside (.float(), .to(torch.float32));
-    redirect those casts to float64, so that the reference is float64 throughout."""
-    with monkeypatch.context() as mp:
-        to_float = torch.Tensor.float
-        mp.setattr(hf_mamba2, "torch", _Float32IsFloat64("torch"))
-        mp.setattr(torch.Tensor, "float", lambda self, *a, **k: self.to(F64)
-                   if self.is_floating_point() else to_float(self, *a, **k))
-        yield
-
-
 # every key the transformers loader reads, each away from transformers' default
 _HF_KEYS = dict(hidden_size=16, num_hidden_layers=3, state_size=6, head_dim=4, num_heads=12,
                 n_groups=3, expand=3, conv_kernel=3, chunk_size=5, time_step_limit=[0.0, 0.05],
@@ -5855,7 +5835,7 @@ def test_transformers_config_keys_each_reach_the_config_and_logits(tmp_path, mon
     want = Mamba2Config(**_HF_MEANS)
     assert not _config_diff(ours.config, want), _config_diff(ours.config, want)
     ids = _ids(2, 13, vocab=40, seed=20)
-    with torch.no_grad(), _hf_in_float64(monkeypatch):
+    with torch.no_grad(), hf_oracle_in_float64(monkeypatch):
         expected = hf(ids).logits
     with torch.no_grad():
         got = ours(ids)
@@ -5882,7 +5862,7 @@ def test_transformers_format_loads_in_transformers(tmp_path, monkeypatch, tie):
             c.tie_word_embeddings, c.vocab_size) == (16, 2, 4, 4, 8, 2, 3, 5, True, False, tie, 48)
     assert tuple(c.time_step_limit) == (0.0, 0.05)
     ids = _ids(2, 12, seed=22)
-    with torch.no_grad(), _hf_in_float64(monkeypatch):
+    with torch.no_grad(), hf_oracle_in_float64(monkeypatch):
         expected = hf(ids).logits
     with torch.no_grad():
         got = model(ids)
