@@ -2134,7 +2134,6 @@ def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] 
     rank raises — this one its own error, the others a ValueError naming it — and none is left
     waiting for a message that will not come. The ints in `agree` (flags of the call) must be
     the same on every rank."""
-    import torch.distributed as dist
     _check_cp_group(group)
     result = None
     if problem is None:
@@ -2142,22 +2141,33 @@ def _checked_on_every_rank(group, check: Callable, problem: Optional[Exception] 
             result = check()
         except (ValueError, TypeError) as e:
             problem = e
-    mine = torch.tensor([problem is not None, *map(int, agree.values())], dtype=torch.int64,
-                        device=_comm_device(group, torch.device("cpu")))
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    every = torch.stack(every).tolist()
+    every = _gather_ints(group, torch.device("cpu"), [problem is not None, *agree.values()])
     if problem is not None:
         raise problem
     refused = [r for r, row in enumerate(every) if row[0]]
     if refused:
         raise ValueError(f"cp_group rank(s) {refused} refused their piece of this call (their "
                          f"error says why); every rank stops")
-    for col, what in enumerate(agree, start=1):
-        if len({row[col] for row in every}) > 1:
-            raise ValueError(f"with cp_group every rank must agree in {what}; got "
-                             f"{[row[col] for row in every]} across the ranks")
+    _require_agreement(every, agree, "every rank")
     return result
+
+
+def _gather_ints(group, device: torch.device, values) -> list:
+    """Every rank's list of ints, one row per rank of the group."""
+    import torch.distributed as dist
+    mine = torch.tensor([int(v) for v in values], dtype=torch.int64,
+                        device=_comm_device(group, device))
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(every, mine, group=group)
+    return torch.stack(every).tolist()
+
+
+def _require_agreement(rows: list, fields, whose: str):
+    """rows' columns after the first, one per field, must hold one value on every rank."""
+    for col, what in enumerate(fields, start=1):
+        if len({row[col] for row in rows}) > 1:
+            raise ValueError(f"with cp_group {whose} must agree in {what}; got "
+                             f"{[row[col] for row in rows]} across the ranks")
 
 
 _CP_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -2185,15 +2195,8 @@ def _check_pieces(group, x: torch.Tensor, seq_idx, name: str, **agree):
     fields = {"batch size": x.shape[0], "width": x.shape[-1], "seq_idx given": seq_idx is not None,
               "grad mode": torch.is_grad_enabled(), "dtype": code(x.dtype), "autocast": autocast,
               **agree}
-    mine = torch.tensor([x.shape[1], *map(int, fields.values())], dtype=torch.int64,
-                        device=_comm_device(group, x.device))
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(every, mine, group=group)
-    every = torch.stack(every).tolist()                              # (K, 1 + fields)
-    for col, what in enumerate(fields, start=1):
-        if len({row[col] for row in every}) > 1:
-            raise ValueError(f"with cp_group every rank's {name} must agree in {what}; got "
-                             f"{[row[col] for row in every]} across the ranks")
+    every = _gather_ints(group, x.device, [x.shape[1], *fields.values()])   # (K, 1 + fields)
+    _require_agreement(every, fields, f"every rank's {name}")
     return dist.get_rank(group), [row[0] for row in every]
 
 
