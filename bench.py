@@ -660,16 +660,17 @@ def plot_memory(B: Bench, points: list):
 # ====================================================================================== 3. decode
 
 def decode_step(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
-    """A function taking one decoding step after a `context`-token prefill into a fresh cache
-    (the step's appended key and value are dropped again, so that an attention layer's context
-    stays `context` over the repetitions)."""
+    """A function taking one decoding step after a `context`-token prefill into a fresh cache:
+    generate's own step (model._decode: no checks, no host synchronisation; forward(cache=)
+    adds the input checks). The step's appended key and value are dropped again, so that an
+    attention layer's context stays `context` over the repetitions."""
     cache = model.allocate_inference_cache(batch, max_seqlen=context + 1)
     model(B.ids(batch, context), cache=cache, num_last_tokens=1)
-    token = B.ids(batch, 1)
+    token = B.ids(batch, 1)[:, 0]                                               # (b,)
     attention = [c for c in cache if isinstance(c, mamba2.AttentionCache)]
 
     def step():
-        model(token, cache=cache)
+        model._decode(token, cache)
         for c in attention:
             c.length = context
     return step

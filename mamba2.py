@@ -1016,8 +1016,11 @@ def _ssd_step(x, dt, A, B, C, state, D=None):
     decay = _cast(torch.exp(dt * A), cdt)                                    # (b, h)
     X = _cast(x * dt[..., None], cdt)                                         # (b, h, p)
     B, C = _cast(B, cdt), _cast(C, cdt)                                       # (b, g, n)
-    # The r heads of a group share B and C: one (r*p, n) matrix per group, no per-head copies.
-    y = torch.bmm(state.reshape(b * g, r * p, n), C.reshape(b * g, n, 1)).view(b, g, r, p)  # S C
+    # S C as the row vector Cᵀ times Sᵀ, C broadcast over the r heads of its group (no copies of
+    # S): on a CPU this reads S 2.5-3x faster than the column form S @ C (a batched gemv) at
+    # batch 8 and 32, and 6x in bf16 (bench.py --only decode).
+    S = state.reshape(b, g, r, p, n)
+    y = torch.matmul(C[:, :, None, None, :], S.transpose(-1, -2)).view(b, g, r, p)  # S C
     BC = torch.linalg.vecdot(B, C)[..., None, None]                           # (b, g, 1, 1)
     y = y.mul_(decay.view(b, g, r, 1)).addcmul_(X.view(b, g, r, p), BC).view(b, h, p)
     if D is not None:
@@ -1029,13 +1032,13 @@ def _apply_step(state, update: _StepUpdate, inplace: bool):
     """S <- decay S + X Bᵀ: in place on `state` (inference), or as a new tensor (autograd)."""
     b, h, p, n = state.shape
     g = update.B.shape[1]
-    decay = update.decay.view(b * g, h // g, 1, 1)
-    X, B = update.X.reshape(b * g, -1, 1), update.B.reshape(b * g, 1, n)
+    r = h // g
+    decay = update.decay.view(b, g, r, 1, 1)
+    X, B = update.X.reshape(b, g, r, p, 1), update.B.reshape(b, g, 1, 1, n)   # X Bᵀ broadcast
     if inplace:
-        state.view(b * g, h // g, p, n).mul_(decay).view(b * g, -1, n).baddbmm_(X, B)
+        state.view(b, g, r, p, n).mul_(decay).addcmul_(X, B)
         return state
-    scaled = (state.reshape(b * g, h // g, p, n) * decay).view(b * g, -1, n)
-    return torch.baddbmm(scaled, X, B).view(b, h, p, n)
+    return torch.addcmul(state.reshape(b, g, r, p, n) * decay, X, B).view(b, h, p, n)
 
 
 def discretize_dt(dt: torch.Tensor, dt_bias: torch.Tensor, dt_limit=(0.0, float("inf"))):
