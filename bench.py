@@ -38,6 +38,8 @@ Sections (--only takes their names):
            1, 8 and 32. The floor is the same matrix-vector products alone (in_proj and out_proj of
            every layer plus the LM head); "floor + state" adds one read and one write of every
            layer's SSM state, which any recurrent step must do and which the floor leaves out.
+           The step is generate's (model._decode); "compiled" is generate(compile=True)'s, timed
+           after its compilation (whose seconds are reported apart).
            Then end-to-end greedy generation at batch 1 and 8, ours generate() vs transformers'
            Mamba2ForCausalLM.generate() with the same weights (tokens/s, both including their
            prefill), and the step time after contexts of growing length (a recurrent model: it
@@ -659,18 +661,21 @@ def plot_memory(B: Bench, points: list):
 
 # ====================================================================================== 3. decode
 
-def decode_step(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int):
+def decode_step(B: Bench, model: Mamba2LMHeadModel, batch: int, context: int,
+                compiled: bool = False):
     """A function taking one decoding step after a `context`-token prefill into a fresh cache:
     generate's own step (model._decode: no checks, no host synchronisation; forward(cache=)
-    adds the input checks). The step's appended key and value are dropped again, so that an
-    attention layer's context stays `context` over the repetitions."""
+    adds the input checks), or with `compiled` the step of generate(compile=True), compiled on
+    its first call. The step's appended key and value are dropped again, so that an attention
+    layer's context stays `context` over the repetitions."""
     cache = model.allocate_inference_cache(batch, max_seqlen=context + 1)
     model(B.ids(batch, context), cache=cache, num_last_tokens=1)
     token = B.ids(batch, 1)[:, 0]                                               # (b,)
     attention = [c for c in cache if isinstance(c, mamba2.AttentionCache)]
+    decode = mamba2._compiled_decode(model) if compiled else model._decode
 
     def step():
-        model._decode(token, cache)
+        decode(token, cache)
         for c in attention:
             c.length = context
     return step
@@ -759,26 +764,34 @@ def bench_decode(B: Bench):
     rows = []
     with torch.inference_mode():
         for b in S.decode_batches:
-            t = B.interleave({"step": decode_step(B, model, b, S.prompt_len),
-                              "floor": matvec_floor(B, model, b),
-                              "floor + state": matvec_floor(B, model, b, with_state=True)},
-                             warmup=3, cheap=True,
-                             inner={k: S.step_inner for k in ("step", "floor", "floor + state")})
-            p = {"batch": b, "step": t["step"], "floor": t["floor"],
+            t0 = time.perf_counter()
+            compiled = decode_step(B, model, b, S.prompt_len, compiled=True)
+            compiled()                                     # compiles (not part of the timings)
+            compile_s = time.perf_counter() - t0
+            fns = {"step": decode_step(B, model, b, S.prompt_len), "compiled": compiled,
+                   "floor": matvec_floor(B, model, b),
+                   "floor + state": matvec_floor(B, model, b, with_state=True)}
+            t = B.interleave(fns, warmup=3, cheap=True, inner={k: S.step_inner for k in fns})
+            p = {"batch": b, "step": t["step"], "compiled_step": t["compiled"],
+                 "compile_s": compile_s, "floor": t["floor"],
                  "floor_with_state": t["floor + state"],
                  "step_over_floor": ratio(t["step"], t["floor"]),
                  "step_over_floor_with_state": ratio(t["step"], t["floor + state"]),
+                 "compiled_over_floor_with_state": ratio(t["compiled"], t["floor + state"]),
                  "tokens_per_s": b / t["step"]["median_s"]}
             res["steps"].append(p)
             rows.append([b, ms(p["step"]), p["tokens_per_s"], ms(p["floor"]), p["step_over_floor"],
-                         ms(p["floor_with_state"]), p["step_over_floor_with_state"]])
+                         ms(p["floor_with_state"]), p["step_over_floor_with_state"],
+                         ms(p["compiled_step"]), p["compiled_over_floor_with_state"], compile_s])
             B.add("decode", f"step, batch {b}",
                   f"{ms(p['step']):.2f} ms = {p['step_over_floor']:.2f}x floor, "
                   f"{p['step_over_floor_with_state']:.2f}x floor + state "
-                  f"({p['tokens_per_s']:,.0f} tok/s)")
-        print_table(f"decode step ({S.n_layer} layers, after a {S.prompt_len}-token prompt)",
+                  f"({p['tokens_per_s']:,.0f} tok/s); compiled {ms(p['compiled_step']):.2f} ms = "
+                  f"{p['compiled_over_floor_with_state']:.2f}x floor + state")
+        print_table(f"decode step ({S.n_layer} layers, after a {S.prompt_len}-token prompt; "
+                    f"compiled: generate(compile=True)'s step)",
                     ["batch", "step ms", "tok/s", "floor ms", "x floor", "floor+state ms",
-                     "x floor+state"], rows)
+                     "x floor+state", "compiled ms", "x floor+state", "compile s"], rows)
 
         # end-to-end greedy generation, ours vs transformers, same weights and prompts
         res["generate_by_batch"] = [generate_vs_transformers(B, model, b) for b in S.gen_batches]

@@ -2726,11 +2726,11 @@ class Mamba2LMHeadModel(nn.Module):
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
                  generator: Optional[torch.Generator] = None, streamer=None,
-                 cuda_graph: bool = False) -> torch.LongTensor:
+                 cuda_graph: bool = False, compile: bool = False) -> torch.LongTensor:
         """Prompt (b, l) -> (b, l + new) tokens, with transformers' meanings; see `generate`."""
         return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature,
                         top_k, top_p, min_p, repetition_penalty, eos_token_id, pad_token_id,
-                        generator, streamer, cuda_graph)
+                        generator, streamer, cuda_graph, compile)
 
 
 class Mamba2ForSequenceClassification(nn.Module):
@@ -3528,10 +3528,8 @@ class _StaticDecode:
     place — as a CUDA graph needs them: on CUDA it is captured once and replayed per token
     (the official cg=True); elsewhere the very same step runs eagerly on the same buffers."""
 
-    def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int):
-        if any(isinstance(c, AttentionCache) for c in cache):
-            raise ValueError("cuda_graph=True decodes pure Mamba-2 models (an attention layer's "
-                             "step reads a growing number of keys)")
+    def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int, decode=None):
+        self.decode = decode or model._decode          # (tokens, cache) -> logits
         self.model, self.cache = model, cache
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.graph = None
@@ -3541,22 +3539,38 @@ class _StaticDecode:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                 # warm-up on copies of the caches
                 for _ in range(2):
-                    model._decode(self.tokens, scratch)
+                    self.decode(self.tokens, scratch)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):            # records, runs nothing
-                self.logits = model._decode(self.tokens, cache)
+                self.logits = self.decode(self.tokens, cache)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         if self.graph is None:
-            return self.model._decode(self.tokens, self.cache)
+            return self.decode(self.tokens, self.cache)
         self.graph.replay()
         return self.logits
 
 
+def _compiled_decode(model: Mamba2LMHeadModel):
+    """model._decode through torch.compile: the whole step as one graph of fused kernels, so
+    that the state's decay, input and read-out are one pass over it instead of three ops. Shapes
+    are static (one compilation per batch size, reused by later calls)."""
+    compiled = torch.compile(model._decode, dynamic=False)
+
+    def decode(tokens, cache):
+        try:
+            return compiled(tokens, cache)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            raise RuntimeError(f"generate(compile=True): torch.compile could not build the step on "
+                               f"{model.device} (on a CPU it needs a working C++ compiler); "
+                               f"generate without compile") from e
+    return decode
+
+
 def _check_generate_call(model, input_ids, attention_mask, eos_token_id, pad_token_id, streamer,
-                         generator, do_sample: bool, cuda_graph):
+                         generator, do_sample: bool, cuda_graph, compile):
     """generate's other arguments, checked before anything runs: (eos ids, pad id, the attention
     mask as bools or None)."""
     _check_tensor("input_ids", input_ids, (None, None), device=model.device,
@@ -3576,6 +3590,13 @@ def _check_generate_call(model, input_ids, attention_mask, eos_token_id, pad_tok
         mask = _check_attention_mask(attention_mask, input_ids, left_only=True)
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {cuda_graph!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {compile!r}")
+    if (cuda_graph or compile) and model.config.attn_layer_idx:
+        flag = "cuda_graph" if cuda_graph else "compile"
+        raise ValueError(f"{flag}=True decodes pure Mamba-2 models (an attention layer's step "
+                         f"reads a growing number of keys), this one has attention at layers "
+                         f"{list(model.config.attn_layer_idx)}")
     if cuda_graph and model.device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on a CUDA device, not {model.device}")
     if generator is not None:
@@ -3593,7 +3614,7 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id=None,
              generator: Optional[torch.Generator] = None, streamer=None,
-             cuda_graph: bool = False) -> torch.LongTensor:
+             cuda_graph: bool = False, compile: bool = False) -> torch.LongTensor:
     """Autoregressive decoding: one chunked prefill of the prompt (logits for the last position
     only), then one constant-time step per token through the inference cache.
 
@@ -3603,7 +3624,10 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     eos id). Sampling as transformers (temperature 0 means greedy). streamer: put(tokens) is called
     with the prompt, then with each new (b,) token tensor; end() at the finish. Returns
     (b, l + new) tokens. cuda_graph=True (CUDA, pure Mamba-2 models) replays each step from a
-    CUDA graph; the tokens are the same.
+    CUDA graph; the tokens are the same. compile=True (pure Mamba-2 models, any device) runs each
+    step through torch.compile, which fuses the state's decay, input and read-out into one pass:
+    the first step of a batch size compiles (~40 s for 24 layers on a 2-core CPU), later ones are
+    faster (see README); logits equal the eager step's to rounding. Both may be combined.
 
     The steps never wait for the device: the prompt's ids are checked once, sampled ids are in
     range by construction; with eos_token_id set, one check per step asks whether every row has
@@ -3612,7 +3636,8 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     _check_generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty)
     do_sample = do_sample and temperature > 0
     eos, pad, mask = _check_generate_call(model, input_ids, attention_mask, eos_token_id,
-                                          pad_token_id, streamer, generator, do_sample, cuda_graph)
+                                          pad_token_id, streamer, generator, do_sample, cuda_graph,
+                                          compile)
     b, l = input_ids.shape
     vocab = model.config.vocab_size
     seq_idx = None if mask is None or mask.all() else mask.int()   # pads: segment 0, prompt: 1
@@ -3627,8 +3652,9 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
         rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, l)
         seen = torch.zeros(b, vocab, dtype=torch.bool, device=input_ids.device)
         seen[rows[present], input_ids[present]] = True
-    step = _StaticDecode(model, cache, b) if cuda_graph else \
-        (lambda tokens: model._decode(tokens, cache))
+    decode = _compiled_decode(model) if compile else model._decode
+    step = _StaticDecode(model, cache, b, decode) if cuda_graph else \
+        (lambda tokens: decode(tokens, cache))
     unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     eos_t = torch.tensor(eos, device=input_ids.device, dtype=input_ids.dtype)
     out = [input_ids]

@@ -3477,11 +3477,47 @@ def test_static_buffer_step_equals_the_eager_step():
                        torch.equal(a.conv_state, b.conv_state)
                        for a, b in zip(static_cache, eager_cache))
             tokens = want[:, :37].argmax(-1)
-    with pytest.raises(ValueError, match="cuda_graph"):          # a CPU model
+    with pytest.raises(ValueError, match="cuda_graph=True needs a model on a CUDA device"):
         model.generate(ids, max_new_tokens=2, cuda_graph=True)
     hybrid = hybrid_model(seed=53)
-    with pytest.raises(ValueError, match="cuda_graph"):
-        mamba2._StaticDecode(hybrid, hybrid.allocate_inference_cache(1), 1)
+    for flag in ("cuda_graph", "compile"):
+        with pytest.raises(ValueError, match=flag + r"=True decodes pure Mamba-2 models.*\[1\]"):
+            hybrid.generate(ids[:1], max_new_tokens=2, **{flag: True})
+        with pytest.raises(TypeError, match=flag + " must be a bool, got 'yes'"):
+            model.generate(ids, max_new_tokens=2, **{flag: "yes"})
+
+
+def test_compiled_generate_gives_the_eager_tokens_and_caches():
+    """generate(compile=True): the step compiled by torch.compile (fused kernels) gives the
+    eager step's logits and cache states to float64 rounding, hence the same tokens — greedy,
+    sampled, with eos; the step is one graph (no breaks, so no host syncs); a second call of the
+    same batch size reuses the compilation."""
+    model = lm_model(seed=54, ngroups=2, **SMALL_LM)
+    ids = torch.randint(0, 37, (3, 5), generator=gen(55))
+    with torch.inference_mode():
+        compiled = mamba2._compiled_decode(model)
+        got_cache, want_cache = model.allocate_inference_cache(3), model.allocate_inference_cache(3)
+        model(ids, cache=got_cache)
+        model(ids, cache=want_cache)
+        tokens = ids[:, -1]
+        for _ in range(4):
+            got, want = compiled(tokens, got_cache), model._decode(tokens, want_cache)
+            assert_close(got, want, atol=1e-12, what="compiled step's logits")
+            for a, b in zip(got_cache, want_cache):
+                assert_close(a.ssm_state, b.ssm_state, atol=1e-12, what="compiled step's state")
+                assert_close(a.conv_state, b.conv_state, atol=1e-12, what="compiled conv")
+            tokens = want[:, :37].argmax(-1)
+        traced = torch._dynamo.explain(model._decode)(tokens, want_cache)
+    assert (traced.graph_count, traced.graph_break_count) == (1, 0), traced.break_reasons
+    counters = torch._dynamo.utils.counters
+    for kw in ({}, dict(do_sample=True, top_k=5, generator=gen(56)), dict(eos_token_id=[3, 7])):
+        want = model.generate(ids, max_new_tokens=6, **kw)
+        if "generator" in kw:
+            kw["generator"] = gen(56)
+        before = dict(counters["stats"])
+        assert torch.equal(model.generate(ids, max_new_tokens=6, compile=True, **kw), want), kw
+    assert before.get("unique_graphs", 0) >= 1                     # compiled before that call
+    assert dict(counters["stats"])["unique_graphs"] == before["unique_graphs"]  # and not again
 
 
 # =========================================================================================
