@@ -716,13 +716,16 @@ def matvec_floor(B: Bench, model: Mamba2LMHeadModel, batch: int, with_state: boo
 
 
 def generate_vs_transformers(B: Bench, model, b: int) -> dict:
-    """Greedy generate() of ours and transformers' on the same weights and prompts, batch b."""
+    """Greedy generate() of ours (eager, and compile=True after its compilation, which the
+    warm-up round does) and transformers' on the same weights and prompts, batch b."""
     S = B.S
     ids = B.ids(b, S.prompt_len)
     N = S.new_tokens
     gen = {"batch": b, "prompt_len": S.prompt_len, "new_tokens": N}
     out = {}
-    fns = {"ours": lambda: out.__setitem__("ours", model.generate(ids, max_new_tokens=N))}
+    fns = {"ours": lambda: out.__setitem__("ours", model.generate(ids, max_new_tokens=N)),
+           "compiled": lambda: out.__setitem__("compiled", model.generate(
+               ids, max_new_tokens=N, compile=True))}
     try:
         hf = hf_lm(model, S, S.n_layer).eval()
         mask = torch.ones_like(ids)
@@ -734,6 +737,9 @@ def generate_vs_transformers(B: Bench, model, b: int) -> dict:
     t = B.interleave(fns)
     gen["ours"] = t["ours"]
     gen["ours_tokens_per_s"] = b * N / t["ours"]["median_s"]
+    gen["compiled"] = t["compiled"]
+    gen["compiled_tokens_per_s"] = b * N / t["compiled"]["median_s"]
+    gen["compiled_same_tokens"] = bool(torch.equal(out["compiled"], out["ours"]))
     if "transformers" in t:
         gen["transformers"] = t["transformers"]
         gen["transformers_tokens_per_s"] = b * N / t["transformers"]["median_s"]
@@ -742,18 +748,22 @@ def generate_vs_transformers(B: Bench, model, b: int) -> dict:
         # only, transformers among all padded_vocab_size rows, so a rare argmax in the padding
         # can differ
         gen["same_tokens"] = bool(torch.equal(out["transformers"].cpu(), out["ours"].cpu()))
+        gen["compiled_speedup_vs_transformers"] = ratio(t["transformers"], t["compiled"])
     print_table(f"generate(): {S.prompt_len}-token prompt + {N} new tokens, greedy, batch {b}",
                 ["", "ms", "new tok/s", "speedup", "same tokens"],
                 [["ours", ms(gen["ours"]), gen["ours_tokens_per_s"], None, None],
+                 ["ours, compile=True", ms(gen["compiled"]), gen["compiled_tokens_per_s"], None,
+                  f"{gen['compiled_same_tokens']} (as ours)"],
                  ["transformers",
                   (ms(gen["transformers"]) if "transformers" in gen
                    else gen.get("transformers_error")),
                   gen.get("transformers_tokens_per_s"), gen.get("speedup_vs_transformers"),
                   str(gen.get("same_tokens", "—"))]])
     B.add("decode", f"generate {N} tokens, batch {b}",
-          f"{gen['ours_tokens_per_s']:,.0f} tok/s" + (
-              f" vs transformers {gen['transformers_tokens_per_s']:,.0f} tok/s "
-              f"({gen['speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
+          f"{gen['ours_tokens_per_s']:,.0f} tok/s, compiled {gen['compiled_tokens_per_s']:,.0f}"
+          + (f" vs transformers {gen['transformers_tokens_per_s']:,.0f} tok/s "
+             f"({gen['speedup_vs_transformers']:.2f}x, compiled "
+             f"{gen['compiled_speedup_vs_transformers']:.2f}x)" if "transformers" in gen else ""))
     return gen
 
 

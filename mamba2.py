@@ -3526,7 +3526,8 @@ def process_logits(logits: torch.Tensor, seen: Optional[torch.Tensor] = None,
 class _StaticDecode:
     """The decoding step on static buffers — token ids in, logits out, the caches updated in
     place — as a CUDA graph needs them: on CUDA it is captured once and replayed per token
-    (the official cg=True); elsewhere the very same step runs eagerly on the same buffers."""
+    (the official cg=True); elsewhere the very same step runs eagerly on the same buffers.
+    `decode` (tokens, cache) -> logits is the step: model._decode, or its compiled form."""
 
     def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int, decode=None):
         self.decode = decode or model._decode          # (tokens, cache) -> logits
@@ -3626,8 +3627,9 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     (b, l + new) tokens. cuda_graph=True (CUDA, pure Mamba-2 models) replays each step from a
     CUDA graph; the tokens are the same. compile=True (pure Mamba-2 models, any device) runs each
     step through torch.compile, which fuses the state's decay, input and read-out into one pass:
-    the first step of a batch size compiles (~40 s for 24 layers on a 2-core CPU), later ones are
-    faster (see README); logits equal the eager step's to rounding. Both may be combined.
+    the first step of a batch size compiles (40-60 s for 24 layers on a 2-core CPU), later ones are
+    faster (see README); logits equal the eager step's to rounding. With cuda_graph=True too,
+    the graph captures the compiled step.
 
     The steps never wait for the device: the prompt's ids are checked once, sampled ids are in
     range by construction; with eos_token_id set, one check per step asks whether every row has

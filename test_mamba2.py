@@ -3520,6 +3520,20 @@ def test_compiled_generate_gives_the_eager_tokens_and_caches():
     assert dict(counters["stats"])["unique_graphs"] == before["unique_graphs"]  # and not again
 
 
+def test_compile_that_cannot_build_is_a_named_error(monkeypatch):
+    """Where torch.compile cannot build the step (no C++ compiler, say), generate(compile=True)
+    says so and what to do, rather than surfacing the compiler's traceback alone."""
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(broken_compile, OSError("no cc"), None)
+        return run
+    model = lm_model(seed=57, **SMALL_LM)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(RuntimeError, match=r"torch.compile could not build the step on cpu .*"
+                                           r"generate without compile"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, compile=True)
+
+
 # =========================================================================================
 # ==== 16. hybrid models: attention layers
 # =========================================================================================
