@@ -3625,9 +3625,9 @@ def generate(model: Mamba2LMHeadModel, input_ids: torch.Tensor, max_new_tokens: 
     eos id). Sampling as transformers (temperature 0 means greedy). streamer: put(tokens) is called
     with the prompt, then with each new (b,) token tensor; end() at the finish. Returns
     (b, l + new) tokens. cuda_graph=True (CUDA, pure Mamba-2 models) replays each step from a
-    CUDA graph; the tokens are the same. compile=True (pure Mamba-2 models, any device) runs each
-    step through torch.compile, which fuses the state's decay, input and read-out into one pass:
-    the first step of a batch size compiles (40-60 s for 24 layers on a 2-core CPU), later ones are
+    CUDA graph; the tokens are the same. compile=True (pure Mamba-2 models) runs each step
+    through torch.compile, which fuses the state's decay, input and read-out into one pass: the
+    first step of a batch size compiles (40-60 s for 24 layers on a 2-core CPU), later ones are
     faster (see README); logits equal the eager step's to rounding. With cuda_graph=True too,
     the graph captures the compiled step.
 
