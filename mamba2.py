@@ -3557,7 +3557,10 @@ class _StaticDecode:
 def _compiled_decode(model: Mamba2LMHeadModel):
     """model._decode through torch.compile: the whole step as one graph of fused kernels, so
     that the state's decay, input and read-out are one pass over it instead of three ops. Shapes
-    are static (one compilation per batch size, reused by later calls)."""
+    are static (one compilation per batch size, reused by later calls). torch keeps at most
+    torch._dynamo.config.recompile_limit (8) compilations of the step per process, over batch
+    sizes, dtypes and models together; past them it warns and runs the step eagerly (the same
+    tokens)."""
     compiled = torch.compile(model._decode, dynamic=False)
 
     def decode(tokens, cache):
