@@ -3520,6 +3520,22 @@ def test_compiled_generate_gives_the_eager_tokens_and_caches():
     assert dict(counters["stats"])["unique_graphs"] == before["unique_graphs"]  # and not again
 
 
+def test_compiled_generate_past_the_recompile_limit_runs_eagerly_with_the_same_tokens():
+    """Past torch's recompile_limit (set to 1 here; 8 by default) a new batch size is not
+    compiled: the step runs eagerly and gives the same tokens, as README says."""
+    model = lm_model(seed=58, **SMALL_LM)
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for b in (2, 3):
+            ids = torch.randint(0, 37, (b, 4), generator=gen(59 + b))
+            before = counters["stats"]["unique_graphs"]
+            got = model.generate(ids, max_new_tokens=4, compile=True)
+            assert counters["stats"]["unique_graphs"] - before == (1 if b == 2 else 0), b
+            assert torch.equal(got, model.generate(ids, max_new_tokens=4)), b
+    torch._dynamo.reset()
+
+
 def test_compile_that_cannot_build_is_a_named_error(monkeypatch):
     """Where torch.compile cannot build the step (no C++ compiler, say), generate(compile=True)
     says so and what to do, rather than surfacing the compiler's traceback alone."""
