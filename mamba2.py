@@ -3529,9 +3529,8 @@ class _StaticDecode:
     (the official cg=True); elsewhere the very same step runs eagerly on the same buffers.
     `decode` (tokens, cache) -> logits is the step: model._decode, or its compiled form."""
 
-    def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int, decode=None):
-        self.decode = decode or model._decode          # (tokens, cache) -> logits
-        self.model, self.cache = model, cache
+    def __init__(self, model: Mamba2LMHeadModel, cache: list, batch_size: int, decode):
+        self.decode, self.cache = decode, cache          # decode: (tokens, cache) -> logits
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=model.device)
         self.graph = None
         if model.device.type == "cuda":

@@ -3468,7 +3468,7 @@ def test_static_buffer_step_equals_the_eager_step():
         eager_cache = model.allocate_inference_cache(3)
         model(ids, cache=static_cache)
         model(ids, cache=eager_cache)
-        step = mamba2._StaticDecode(model, static_cache, 3)
+        step = mamba2._StaticDecode(model, static_cache, 3, model._decode)
         tokens = ids[:, -1]
         for _ in range(6):
             got, want = step(tokens), model._decode(tokens, eager_cache)
